@@ -1,0 +1,31 @@
+"""labeltrack-log: track a training metric grouped by label (per-class loss) and write it to
+TensorBoard, MLflow and files, with band figures and a FastEstimator trace.
+
+``import labeltrack_log`` needs only numpy (matplotlib is imported when a figure is drawn);
+sinks import their backend (tensorboard, mlflow) when they are created.
+"""
+
+from .errors import ConfigError, InputShapeError, InputTypeError, LabelTrackError, MissingExtraError
+from .grouping import GroupedStats, LabelStats, StatsTable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupedStats",
+    "StatsTable",
+    "LabelStats",
+    "StatsHistory",
+    "LabelTrackError",
+    "InputShapeError",
+    "InputTypeError",
+    "ConfigError",
+    "MissingExtraError",
+]
+
+
+def __getattr__(name: str):  # lazy: StatsHistory lives in history.py
+    if name == "StatsHistory":
+        from .history import StatsHistory
+
+        return StatsHistory
+    raise AttributeError(f"module 'labeltrack_log' has no attribute {name!r}")

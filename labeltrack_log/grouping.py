@@ -1,0 +1,483 @@
+"""Streaming per-label statistics: :class:`GroupedStats` and its result, :class:`StatsTable`.
+
+Pure statistics, no I/O. Memory is proportional to the number of distinct labels (plus one
+fixed-size staging buffer), never to the number of samples seen.
+
+How the hot path stays fast: ``update`` only validates and copies a batch into a staging
+buffer (a few microseconds, whatever the batch holds). Every ``_CHUNK`` samples the buffer is
+reduced in one vectorised pass: labels become accumulator slots (a lookup table for small
+non-negative integers, so no sort; ``np.unique`` otherwise), then per-slot count, shifted sums
+and min/max come from ``np.bincount`` and ``ufunc.at``, and the chunk is combined with the
+running state by Chan et al.'s parallel formula. The same formula merges two accumulators.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from .errors import InputShapeError, InputTypeError
+
+__all__ = ["GroupedStats", "LabelStats", "StatsTable", "to_numpy"]
+
+_CHUNK = 1 << 16  # samples staged before a vectorised reduction
+_DENSE_MAX = 1 << 16  # non-negative int labels below this use a lookup table (no sorting)
+_FAST_LABEL_DTYPES = frozenset(np.dtype(t) for t in ("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32"))
+_FAST_VALUE_DTYPES = frozenset(np.dtype(t) for t in ("float64", "float32", "float16"))
+
+
+class LabelStats(NamedTuple):
+    """The statistics of one label: an immutable record returned by ``StatsTable[label]``."""
+
+    label: Any
+    count: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    nonfinite: int
+
+
+def to_numpy(x: Any, what: str = "input") -> np.ndarray:
+    """Convert an array-like (numpy, list, torch tensor, tf tensor, jax array) to a numpy array.
+
+    torch and TensorFlow are never imported here: a tensor is recognised by its type's module.
+    """
+    if isinstance(x, np.ndarray):
+        return x
+    module = type(x).__module__
+    if module.startswith("torch"):
+        x = x.detach()
+        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            x = x.float()
+        return x.cpu().numpy()
+    if module.startswith(("tensorflow", "keras")) and hasattr(x, "numpy"):
+        return np.asarray(x.numpy())
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as err:  # ragged nested lists and the like
+        raise InputShapeError(f"{what}: expected a 1-D array-like, got {type(x).__name__} that numpy cannot convert: {err}") from None
+    if isinstance(x, (list, tuple)) and arr.dtype.kind == "U" and not all(isinstance(e, str) for e in x):
+        raise InputTypeError(f"{what}: expected all ints or all strings, got a mix of strings and non-strings")
+    return arr
+
+
+def _check_1d(arr: np.ndarray, what: str, hint: str) -> None:
+    if arr.ndim == 1:
+        return
+    if arr.ndim == 0:
+        raise InputShapeError(f"{what}: expected a 1-D array with one entry per sample, got a scalar (0-d). {hint}")
+    raise InputShapeError(f"{what}: expected a 1-D array with one entry per sample, got shape {tuple(arr.shape)}. {hint}")
+
+
+def _normalise_labels(lab: np.ndarray) -> tuple[np.ndarray, str]:
+    """Return (labels, kind) with kind in {"int", "bool", "str"}; int/bool labels come back as int64."""
+    k = lab.dtype.kind
+    if k == "b":
+        return lab.astype(np.int64), "bool"
+    if k in "iu":
+        if k == "u" and lab.dtype.itemsize == 8 and lab.size and lab.max() > np.iinfo(np.int64).max:
+            raise InputTypeError("labels: expected integers that fit in int64, got uint64 values above 2**63-1")
+        return lab.astype(np.int64, copy=False), "int"
+    if k == "f":
+        if lab.size and not (np.isfinite(lab).all() and (lab == np.round(lab)).all()):
+            bad = lab[~(np.isfinite(lab) & (lab == np.round(lab)))][0]
+            raise InputTypeError(
+                f"labels: expected class ids (ints, bools or strings), got float labels with non-integer value {bad!r}. "
+                "Pass integer class ids instead (e.g. y.argmax(-1) for one-hot or probabilities, or y.round().long())."
+            )
+        return lab.astype(np.int64), "int"
+    if k in "US":
+        return (lab.astype(str) if k == "S" else lab), "str"
+    if k == "O":
+        items = lab.tolist()
+        if all(isinstance(e, str) for e in items):
+            return np.array(items, dtype=str), "str"
+        if all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in items):
+            return np.array(items, dtype=np.int64), "int"
+        kinds = sorted({type(e).__name__ for e in items})
+        raise InputTypeError(f"labels: expected all ints or all strings, got objects of types {kinds}")
+    raise InputTypeError(f"labels: expected ints, bools or strings, got dtype {lab.dtype}")
+
+
+def _normalise_values(val: np.ndarray) -> np.ndarray:
+    k = val.dtype.kind
+    if k in "fiub":
+        return val.astype(np.float64, copy=False)
+    if k == "O":
+        try:
+            return val.astype(np.float64)
+        except (TypeError, ValueError):
+            pass
+    raise InputTypeError(
+        f"values: expected numeric per-sample metric values (floats), got dtype {val.dtype}"
+        + (f" (first value {val.flat[0]!r})" if val.size else "")
+    )
+
+
+class StatsTable:
+    """Per-label statistics: aligned numpy columns, one row per label, labels in natural order.
+
+    Columns: ``labels``, ``count`` (finite values), ``mean``, ``std`` (sample std, ddof=1; 0.0 for
+    a single value; NaN for none), ``min``, ``max`` and ``nonfinite`` (NaN/inf values, excluded
+    from the other statistics).
+
+    Example:
+        >>> t = StatsTable(labels=[0, 1], count=[2, 1], mean=[0.5, 2.0], std=[0.7, 0.0],
+        ...                min=[0.0, 2.0], max=[1.0, 2.0], nonfinite=[0, 0])
+        >>> len(t), t[1].mean
+        (2, 2.0)
+    """
+
+    COLUMNS = ("labels", "count", "mean", "std", "min", "max", "nonfinite")
+    __slots__ = ("labels", "count", "mean", "std", "min", "max", "nonfinite", "_index")
+
+    def __init__(self, labels: Any, count: Any, mean: Any, std: Any, min: Any, max: Any, nonfinite: Any) -> None:  # noqa: A002
+        self.labels = np.asarray(labels)
+        self.count = np.asarray(count, dtype=np.int64)
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.std = np.asarray(std, dtype=np.float64)
+        self.min = np.asarray(min, dtype=np.float64)
+        self.max = np.asarray(max, dtype=np.float64)
+        self.nonfinite = np.asarray(nonfinite, dtype=np.int64)
+        n = len(self.labels)
+        for col in self.COLUMNS[1:]:
+            arr = getattr(self, col)
+            if arr.shape != (n,):
+                raise InputShapeError(f"StatsTable column '{col}': expected shape ({n},), got {arr.shape}")
+        for arr in (self.labels, self.count, self.mean, self.std, self.min, self.max, self.nonfinite):
+            arr.flags.writeable = False
+        self._index: dict[Any, int] | None = None
+
+    @classmethod
+    def empty(cls) -> "StatsTable":
+        """A table with no labels."""
+        return cls([], [], [], [], [], [], [])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _lookup(self) -> dict[Any, int]:
+        if self._index is None:
+            self._index = {lab: i for i, lab in enumerate(self.labels.tolist())}
+        return self._index
+
+    def row(self, i: int) -> LabelStats:
+        """The record at row position ``i``."""
+        return LabelStats(
+            self.labels[i].item(), int(self.count[i]), float(self.mean[i]), float(self.std[i]),
+            float(self.min[i]), float(self.max[i]), int(self.nonfinite[i]),
+        )
+
+    def __getitem__(self, label: Any) -> LabelStats:
+        """The statistics of ``label`` (a label value, not a row position)."""
+        try:
+            i = self._lookup()[label.item() if isinstance(label, np.generic) else label]
+        except (KeyError, TypeError):
+            shown = self.labels[:10].tolist()
+            raise KeyError(f"label {label!r} is not in this table (labels: {shown}{' ...' if len(self) > 10 else ''})") from None
+        return self.row(i)
+
+    def __contains__(self, label: Any) -> bool:
+        try:
+            return (label.item() if isinstance(label, np.generic) else label) in self._lookup()
+        except TypeError:
+            return False
+
+    def __iter__(self) -> Iterator[LabelStats]:
+        return (self.row(i) for i in range(len(self)))
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> "StatsTable":
+        """A new table with the given row positions, in the given order."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return StatsTable(*(getattr(self, c)[idx] for c in self.COLUMNS))
+
+    def select(self, labels: Sequence[Any]) -> "StatsTable":
+        """A new table restricted to ``labels`` (in that order); labels not present are skipped."""
+        lookup = self._lookup()
+        return self.take([lookup[lab] for lab in labels if lab in lookup])
+
+    def to_dict(self) -> dict[str, list]:
+        """The columns as plain Python lists (JSON-serialisable apart from NaN/inf)."""
+        return {c: getattr(self, c).tolist() for c in self.COLUMNS}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StatsTable):
+            return NotImplemented
+        return all(np.array_equal(getattr(self, c), getattr(other, c), equal_nan=c != "labels") for c in self.COLUMNS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        head = ", ".join(f"{r.label!r}: n={r.count} mean={r.mean:.4g} std={r.std:.4g}" for r in list(self)[:5])
+        return f"StatsTable({len(self)} labels: {head}{', ...' if len(self) > 5 else ''})"
+
+
+class GroupedStats:
+    """Streaming, mergeable per-label count/mean/std/min/max of a metric.
+
+    Feed it ``update(labels, values)`` per batch; ``compute()`` returns a :class:`StatsTable`.
+    Labels are ints, bools or strings (numpy arrays, lists, torch or tf tensors; integral floats
+    are treated as ints); values are per-sample floats. NaN/inf values are counted in
+    ``nonfinite`` and excluded from the other statistics. Not thread-safe: use one accumulator
+    per thread or process and ``merge`` them.
+
+    Example:
+        >>> g = GroupedStats()
+        >>> g.update([0, 1, 1], [0.5, 1.0, 3.0])
+        >>> t = g.compute()
+        >>> t.labels.tolist(), t.mean.tolist(), t[1].std
+        ([0, 1], [0.5, 2.0], 1.4142135623730951)
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget everything seen so far (keeps no memory of the label set)."""
+        self._kind: str | None = None
+        self._index: dict[Any, int] = {}  # label -> slot
+        self._labels: list[Any] = []  # slot -> label
+        self._lut = np.full(0, -1, dtype=np.int64)  # small int label -> slot
+        cap = 64
+        self._count = np.zeros(cap, dtype=np.int64)
+        self._mean = np.zeros(cap)
+        self._m2 = np.zeros(cap)
+        self._min = np.full(cap, np.inf)
+        self._max = np.full(cap, -np.inf)
+        self._nonfinite = np.zeros(cap, dtype=np.int64)
+        self._lbuf = np.empty(_CHUNK, dtype=np.int64)
+        self._vbuf = np.empty(_CHUNK, dtype=np.float64)
+        self._fill = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # string labels are staged as copies
+        self._pending_n = 0
+
+    @property
+    def num_labels(self) -> int:
+        """Number of distinct labels seen so far."""
+        self._flush()
+        return len(self._labels)
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._flush()
+        state = self.__dict__.copy()
+        n = len(self._labels)
+        for key in ("_count", "_mean", "_m2", "_min", "_max", "_nonfinite"):
+            state[key] = state[key][:n].copy()
+        del state["_lbuf"], state["_vbuf"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lbuf = np.empty(_CHUNK, dtype=np.int64)
+        self._vbuf = np.empty(_CHUNK, dtype=np.float64)
+        self._fill = 0
+
+    # ----------------------------------------------------------------- update
+    def update(self, labels: Any, values: Any) -> None:
+        """Add one batch: ``labels`` and ``values`` are 1-D and of the same length.
+
+        Raises:
+            InputShapeError (a ValueError): not 1-D, or the lengths differ.
+            InputTypeError (a TypeError): non-numeric values, non-integral float labels, or
+                labels of another kind (int vs string) than in earlier updates.
+        """
+        lab = labels if type(labels) is np.ndarray else to_numpy(labels, "labels")
+        val = values if type(values) is np.ndarray else to_numpy(values, "values")
+        if lab.ndim != 1 or val.ndim != 1:
+            _check_1d(lab, "labels", "Pass one label per sample (for one-hot labels use y.argmax(-1)).")
+            _check_1d(val, "values", "Pass the per-sample metric, not a batch mean (e.g. a loss with reduction='none').")
+        n = lab.shape[0]
+        if n != val.shape[0]:
+            raise InputShapeError(f"labels and values must have the same length, got {n} labels and {val.shape[0]} values")
+        # Fast path: int labels and float values into the staging buffer, nothing else.
+        fill = self._fill
+        if self._kind == "int" and fill + n <= _CHUNK and lab.dtype in _FAST_LABEL_DTYPES and val.dtype in _FAST_VALUE_DTYPES:
+            self._lbuf[fill : fill + n] = lab
+            self._vbuf[fill : fill + n] = val
+            self._fill = fill + n
+            return
+        self._update_slow(lab, val)
+
+    def _update_slow(self, lab: np.ndarray, val: np.ndarray) -> None:
+        val = _normalise_values(val)
+        if lab.shape[0] == 0:
+            return
+        lab, kind = _normalise_labels(lab)
+        if self._kind is None:
+            self._kind = kind
+        elif kind != self._kind:
+            raise InputTypeError(f"labels: expected {self._kind} labels as in earlier updates, got {kind} labels")
+        n = lab.shape[0]
+        if kind == "str":
+            self._pending.append((lab.copy(), val.astype(np.float64, copy=True)))
+            self._pending_n += n
+            if self._pending_n >= _CHUNK:
+                self._flush()
+            return
+        if self._fill + n > _CHUNK:
+            self._flush()
+        if n > _CHUNK:  # a huge batch is reduced directly, no staging
+            self._reduce_ints(lab, val)
+            return
+        self._lbuf[self._fill : self._fill + n] = lab
+        self._vbuf[self._fill : self._fill + n] = val
+        self._fill += n
+
+    def _flush(self) -> None:
+        if self._fill:
+            n, self._fill = self._fill, 0
+            self._reduce_ints(self._lbuf[:n], self._vbuf[:n])
+        if self._pending:
+            labs = np.concatenate([p[0] for p in self._pending])
+            vals = np.concatenate([p[1] for p in self._pending])
+            self._pending, self._pending_n = [], 0
+            uniq, inv = np.unique(labs, return_inverse=True)
+            self._absorb_samples(self._slots_for(uniq)[inv.reshape(-1)], vals)
+
+    # -------------------------------------------------------------- reduction
+    def _slots_for(self, uniq: np.ndarray) -> np.ndarray:
+        """Slots of the distinct labels ``uniq``, creating slots for new labels."""
+        index, labels = self._index, self._labels
+        slots = np.empty(len(uniq), dtype=np.int64)
+        small: list[tuple[int, int]] = []
+        is_int = self._kind in ("int", "bool")
+        for i, lab in enumerate(uniq.tolist()):
+            slot = index.get(lab)
+            if slot is None:
+                slot = index[lab] = len(labels)
+                labels.append(lab)
+            if is_int and 0 <= lab < _DENSE_MAX:
+                small.append((lab, slot))
+            slots[i] = slot
+        if small:
+            top = max(lab for lab, _ in small)
+            if top >= len(self._lut):
+                grown = np.full(min(_DENSE_MAX, max(top + 1, 2 * len(self._lut), 64)), -1, dtype=np.int64)
+                grown[: len(self._lut)] = self._lut
+                self._lut = grown
+            pairs = np.array(small, dtype=np.int64)
+            self._lut[pairs[:, 0]] = pairs[:, 1]
+        self._grow(len(labels))
+        return slots
+
+    def _grow(self, n: int) -> None:
+        cap = len(self._count)
+        if n <= cap:
+            return
+        new = max(n, 2 * cap)
+        for name, fill in (("_count", 0), ("_mean", 0.0), ("_m2", 0.0), ("_min", np.inf), ("_max", -np.inf), ("_nonfinite", 0)):
+            old = getattr(self, name)
+            arr = np.full(new, fill, dtype=old.dtype)
+            arr[:cap] = old
+            setattr(self, name, arr)
+
+    def _reduce_ints(self, lab: np.ndarray, val: np.ndarray) -> None:
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo >= 0 and hi < _DENSE_MAX:
+            lut = self._lut
+            if hi >= len(lut):
+                lut = np.concatenate([lut, np.full(hi + 1 - len(lut), -1, dtype=np.int64)])
+            slots = lut[lab]
+            missing = slots < 0
+            if missing.any():
+                self._slots_for(np.unique(lab[missing]))
+                slots = self._lut[lab]
+        else:
+            uniq, inv = np.unique(lab, return_inverse=True)
+            slots = self._slots_for(uniq)[inv.reshape(-1)]
+        self._absorb_samples(slots, val)
+
+    def _absorb_samples(self, slots: np.ndarray, val: np.ndarray) -> None:
+        k = len(self._labels)
+        finite = np.isfinite(val)
+        if not finite.all():
+            self._nonfinite[:k] += np.bincount(slots[~finite], minlength=k)
+            slots, val = slots[finite], val[finite]
+            if not len(slots):
+                return
+        cnt = np.bincount(slots, minlength=k)
+        # Shifted sums: subtract a per-slot reference close to the mean (the running mean, or
+        # any sample of the chunk for a new label) so large offsets (1e8 +- 1) cancel exactly.
+        ref = self._mean[:k].copy()
+        new = (self._count[:k] == 0) & (cnt > 0)
+        if new.any():
+            pick = np.zeros(k)
+            pick[slots] = val
+            ref[new] = pick[new]
+        dev = val - ref[slots]
+        s1 = np.bincount(slots, weights=dev, minlength=k)
+        s2 = np.bincount(slots, weights=dev * dev, minlength=k)
+        np.minimum.at(self._min, slots, val)
+        np.maximum.at(self._max, slots, val)
+        idx = np.flatnonzero(cnt)
+        nb = cnt[idx]
+        d1 = s1[idx]
+        mean_b = ref[idx] + d1 / nb
+        m2_b = np.maximum(s2[idx] - d1 * d1 / nb, 0.0)
+        self._combine(idx, nb, mean_b, m2_b)
+
+    def _combine(self, idx: np.ndarray, nb: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        """Chan et al.'s parallel update of the slots ``idx`` with another part's count/mean/M2."""
+        na = self._count[idx]
+        n = na + nb
+        delta = mean_b - self._mean[idx]
+        self._mean[idx] += delta * (nb / n)
+        self._m2[idx] += m2_b + delta * delta * (na * (nb / n))
+        self._count[idx] = n
+
+    # ------------------------------------------------------------ merge/result
+    def merge(self, other: "GroupedStats") -> "GroupedStats":
+        """Fold ``other``'s samples into this accumulator exactly; returns ``self``.
+
+        ``other`` is left unchanged. Both must hold the same kind of labels.
+        """
+        if not isinstance(other, GroupedStats):
+            raise InputTypeError(f"merge: expected a GroupedStats, got {type(other).__name__}")
+        other._flush()
+        self._flush()
+        k = len(other._labels)
+        if k == 0:
+            return self
+        if self._kind is None:
+            self._kind = other._kind
+        elif other._kind != self._kind:
+            raise InputTypeError(f"merge: expected {self._kind} labels, got an accumulator of {other._kind} labels")
+        slots = self._slots_for(np.array(other._labels))
+        self._nonfinite[slots] += other._nonfinite[:k]
+        np.minimum.at(self._min, slots, other._min[:k])
+        np.maximum.at(self._max, slots, other._max[:k])
+        has = other._count[:k] > 0
+        self._combine(slots[has], other._count[:k][has], other._mean[:k][has], other._m2[:k][has])
+        return self
+
+    def compute(self) -> StatsTable:
+        """The per-label statistics of everything seen since the last ``reset``.
+
+        The accumulator keeps its state: call ``reset()`` to start a new epoch.
+        """
+        self._flush()
+        k = len(self._labels)
+        if k == 0:
+            return StatsTable.empty()
+        if self._kind == "str":
+            labels = np.array(self._labels, dtype=str)
+        else:
+            labels = np.array(self._labels, dtype=np.int64)
+        order = np.argsort(labels, kind="stable")
+        count = self._count[:k][order]
+        m2 = self._m2[:k][order]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            std = np.where(count > 1, np.sqrt(m2 / np.maximum(count - 1, 1)), np.where(count == 1, 0.0, np.nan))
+        seen = count > 0
+        return StatsTable(
+            labels=labels[order].astype(bool) if self._kind == "bool" else labels[order],
+            count=count,
+            mean=np.where(seen, self._mean[:k][order], np.nan),
+            std=std,
+            min=np.where(seen, self._min[:k][order], np.nan),
+            max=np.where(seen, self._max[:k][order], np.nan),
+            nonfinite=self._nonfinite[:k][order],
+        )

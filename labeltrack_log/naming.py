@@ -1,0 +1,109 @@
+"""The one place that turns tracked names, modes and labels into tags, keys and file names.
+
+Names are data, not paths: a label called ``../x``, ``a/b``, ``C:\\x`` or ``$\\mu$`` must never
+escape a directory, split a tag, or be rejected by a backend. Every component goes through
+:func:`component`, which keeps allowed characters, replaces the others with ``_`` and, when it had
+to change anything, appends a short hash of the original so two different labels never collide
+(``a/b`` -> ``a_b-3f2a1c``, while a label that is literally ``a_b`` stays ``a_b``).
+
+Schemes (``name`` = tracked quantity such as ``ce_by_y``, ``mode`` = ``train``/``eval``/...):
+
+=====================  ==============================================  ========================
+target                 form                                            allowed characters
+=====================  ==============================================  ========================
+TensorBoard run dir    ``<logdir>/<mode>``                              file-name safe
+TensorBoard scalar     ``<name>/<label>/<stat>``                         anything but ``/``
+MLflow metric          ``<name>/<mode>/<label>/<stat>``                  unicode ``\\w``, ``-._ :``
+MLflow image key       ``<name>/<mode>/<figure>``                        ASCII ``[A-Za-z0-9_-. ]``
+files                  ``<name>_<mode>_<figure>_step<step>.png`` etc.   ASCII ``[A-Za-z0-9_-.]``
+=====================  ==============================================  ========================
+
+Aggregates across labels use the reserved label component :data:`SUMMARY` (a real label that
+happens to be called ``_summary`` is hashed like any other changed name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Mapping
+
+__all__ = [
+    "SUMMARY",
+    "STATS",
+    "component",
+    "label_text",
+    "tb_tag",
+    "mlflow_key",
+    "image_key",
+    "file_stem",
+]
+
+SUMMARY = "_summary"
+STATS = ("mean", "std", "min", "max", "count")
+
+_TAG = re.compile(r"[^/\x00-\x1f]")  # TensorBoard: anything but the separator and control chars
+_MLFLOW = re.compile(r"[\w\-. :]")  # MLflow metric keys (\w is unicode)
+_ASCII = re.compile(r"[A-Za-z0-9_\-. ]")  # MLflow image keys
+_FILE = re.compile(r"[A-Za-z0-9_\-.]")  # file names on every OS
+_RULES = {"tag": _TAG, "mlflow": _MLFLOW, "ascii": _ASCII, "file": _FILE}
+_MAX_LEN = 60
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:6]
+
+
+def component(text: Any, kind: str = "mlflow") -> str:
+    """Make ``text`` one safe path/tag/key component for target ``kind``.
+
+    ``kind`` is one of ``"tag"`` (TensorBoard), ``"mlflow"`` (metric keys), ``"ascii"`` (MLflow
+    image keys) or ``"file"`` (file names). The result is never empty, ``.`` or ``..``, never
+    starts or ends with a space or a dot, never contains ``/`` and is at most ~70 characters.
+    Unchanged text is returned as is; changed text gets ``-<6 hex digits>`` of the original.
+    """
+    rule = _RULES[kind]
+    text = str(text)
+    safe = "".join(ch if rule.fullmatch(ch) else "_" for ch in text)
+    safe = safe.strip(" .") if kind != "tag" else safe
+    if kind == "tag":
+        safe = safe.strip()
+    changed = safe != text or text == SUMMARY or len(safe) > _MAX_LEN or not safe
+    if not changed:
+        return safe
+    return f"{safe[:_MAX_LEN] or '_'}-{_digest(text)}"
+
+
+def label_text(label: Any, names: Mapping[Any, str] | None = None) -> str:
+    """The display text of a label: its name from ``names`` (value -> display name) if any."""
+    if names:
+        try:
+            shown = names.get(label)
+        except TypeError:
+            shown = None
+        if shown is not None:
+            return str(shown)
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    return str(label)
+
+
+def tb_tag(name: str, label: str, stat: str) -> str:
+    """TensorBoard scalar tag: one Scalars-tab section per tracked ``name``."""
+    return f"{component(name, 'tag')}/{label if label == SUMMARY else component(label, 'tag')}/{stat}"
+
+
+def mlflow_key(name: str, mode: str, label: str, stat: str) -> str:
+    """MLflow metric key for one label (or :data:`SUMMARY`) and statistic."""
+    lab = label if label == SUMMARY else component(label, "mlflow")
+    return f"{component(name)}/{component(mode)}/{lab}/{component(stat)}"
+
+
+def image_key(name: str, mode: str, figure: str) -> str:
+    """MLflow ``log_image`` key (ASCII only) for a figure of ``name`` in ``mode``."""
+    return f"{component(name, 'ascii')}/{component(mode, 'ascii')}/{component(figure, 'ascii')}"
+
+
+def file_stem(*parts: Any) -> str:
+    """A file name stem made of safe components joined by ``_``."""
+    return "_".join(component(p, "file") for p in parts)

@@ -1,0 +1,318 @@
+"""Sinks: where per-label tables and band figures are written.
+
+A :class:`Sink` receives a :class:`~labeltrack_log.StatsTable` for a (name, mode, step) and, at
+chosen points, a rendered matplotlib figure. :func:`make_sinks` is the only place that turns a
+configuration (names, dicts, files, the ``LABELTRACK_SINKS`` environment variable) into sinks.
+
+Built-in sink names: ``tensorboard``, ``mlflow``, ``csv``, ``jsonl``, ``images``. Third-party
+sinks register a ``Sink`` subclass in the ``labeltrack_log.sinks`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..grouping import StatsTable
+from ..naming import label_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+__all__ = ["Sink", "BudgetView", "apply_budget", "make_sinks", "register_sink", "available_sinks", "DEFAULT_LABEL_BUDGET"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LABEL_BUDGET = 100
+ENV_VAR = "LABELTRACK_SINKS"
+
+
+class Sink:
+    """Base class of every sink. Subclasses implement :meth:`log_stats` and usually :meth:`log_figure`.
+
+    ``flush`` and ``close`` default to no-ops; ``close`` is idempotent (subclasses override
+    :meth:`_close`, which runs at most once). A sink is a context manager.
+
+    Args:
+        label_budget: At most this many labels get their own series; beyond it only the labels
+            in the budget (``label_names`` order, else natural order) get per-label series, while
+            aggregates across all labels are always written.
+        label_names: Optional mapping label value -> display name used in tags, keys and files.
+
+    Example:
+        >>> class PrintSink(Sink):
+        ...     def log_stats(self, table, *, step, name, mode):
+        ...         print(name, mode, step, len(table))
+        >>> with PrintSink() as s:
+        ...     s.log_stats(StatsTable.empty(), step=1, name="loss_by_y", mode="eval")
+        loss_by_y eval 1 0
+    """
+
+    def __init__(self, *, label_budget: int = DEFAULT_LABEL_BUDGET, label_names: Mapping[Any, str] | None = None) -> None:
+        if not isinstance(label_budget, int) or isinstance(label_budget, bool) or label_budget < 1:
+            raise ConfigError(f"label_budget: expected a positive int, got {label_budget!r}")
+        self.label_budget = label_budget
+        self.label_names: dict[Any, str] = dict(label_names or {})
+        self._closed = False
+
+    # --------------------------------------------------------------- contract
+    def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
+        """Write the per-label statistics of ``name`` in ``mode`` at ``step``."""
+        raise NotImplementedError
+
+    def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
+        """Write a rendered figure (a matplotlib Figure; the caller keeps ownership). Default: ignore."""
+
+    def flush(self) -> None:
+        """Make everything logged so far durable/visible. Default: nothing to do."""
+
+    def close(self) -> None:
+        """Flush and release resources. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close()
+
+    def _close(self) -> None:
+        self.flush()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def set_label_names(self, names: Mapping[Any, str] | None) -> None:
+        """Set the label value -> display name mapping (the FE trace passes its label_mapping)."""
+        self.label_names = dict(names or {})
+
+    def label_text(self, label: Any) -> str:
+        """Display text of ``label``."""
+        return label_text(label, self.label_names)
+
+    def __enter__(self) -> "Sink":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+# ------------------------------------------------------------------ label budget
+@dataclass(frozen=True)
+class BudgetView:
+    """What a sink writes for one table under its label budget.
+
+    Attributes:
+        table: the rows that get per-label series (all of them when within budget).
+        aggregates: statistics across all labels with data: ``macro_mean`` (mean of the per-label
+            means), ``worst_mean`` (largest per-label mean), ``best_mean``, ``spread`` (std of the
+            per-label means, ddof=0), ``num_labels`` and ``nonfinite`` (total non-finite values).
+        over_budget: whether some labels were left out of ``table``.
+        worst_label: display-independent label value with the largest mean (None if no data).
+    """
+
+    table: StatsTable
+    aggregates: dict[str, float]
+    over_budget: bool
+    worst_label: Any
+
+
+def aggregates(table: StatsTable) -> tuple[dict[str, float], Any]:
+    """Aggregate statistics across the labels of ``table`` and the label with the largest mean."""
+    seen = table.count > 0
+    means = table.mean[seen]
+    agg = {"num_labels": float(len(table)), "nonfinite": float(table.nonfinite.sum())}
+    if len(means):
+        worst = int(np.argmax(means))
+        agg.update(
+            macro_mean=float(means.mean()),
+            worst_mean=float(means[worst]),
+            best_mean=float(means.min()),
+            spread=float(means.std()),
+        )
+        return agg, table.labels[seen][worst].item()
+    return agg, None
+
+
+def apply_budget(table: StatsTable, budget: int, preferred: Sequence[Any] | None = None) -> BudgetView:
+    """Split ``table`` for a sink with a label ``budget``.
+
+    Within budget every row is kept. Over budget the kept rows are the labels of ``preferred``
+    (e.g. the label mapping's order) that are present, then the first labels in natural order,
+    up to ``budget`` rows.
+    """
+    agg, worst = aggregates(table)
+    if len(table) <= budget:
+        return BudgetView(table, agg, False, worst)
+    rows: list[int] = []
+    if preferred:
+        lookup = {lab: i for i, lab in enumerate(table.labels.tolist())}
+        seen: set[int] = set()
+        for lab in preferred:
+            i = lookup.get(lab)
+            if i is not None and i not in seen:
+                rows.append(i)
+                seen.add(i)
+            if len(rows) == budget:
+                break
+        if len(rows) < budget:
+            rest = [i for i in range(len(table)) if i not in seen]
+            rows.extend(rest[: budget - len(rows)])
+    else:
+        rows = list(range(budget))
+    return BudgetView(table.take(rows), agg, True, worst)
+
+
+# --------------------------------------------------------------------- registry
+_BUILTIN: dict[str, str] = {
+    "tensorboard": "labeltrack_log.sinks.tensorboard:TensorBoardSink",
+    "mlflow": "labeltrack_log.sinks.mlflow:MLflowSink",
+    "csv": "labeltrack_log.sinks.files:CSVSink",
+    "jsonl": "labeltrack_log.sinks.files:JSONLSink",
+    "images": "labeltrack_log.sinks.files:ImageDirSink",
+}
+_REGISTERED: dict[str, type[Sink]] = {}
+ENTRY_POINT_GROUP = "labeltrack_log.sinks"
+
+
+def register_sink(name: str, cls: type[Sink]) -> None:
+    """Register a sink class under ``name`` for :func:`make_sinks` (entry points do this too)."""
+    if not (isinstance(cls, type) and issubclass(cls, Sink)):
+        raise ConfigError(f"register_sink: expected a Sink subclass, got {cls!r}")
+    _REGISTERED[name] = cls
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_sinks() -> list[str]:
+    """Every name :func:`make_sinks` accepts: built-ins, registered classes and entry points."""
+    return sorted(set(_BUILTIN) | set(_REGISTERED) | set(_entry_points()))
+
+
+def _resolve(name: str) -> type[Sink]:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTIN:
+        module, _, attr = _BUILTIN[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
+    eps = _entry_points()
+    if name in eps:
+        cls = eps[name].load()
+        if not (isinstance(cls, type) and issubclass(cls, Sink)):
+            raise ConfigError(f"entry point '{name}' in group {ENTRY_POINT_GROUP}: expected a Sink subclass, got {cls!r}")
+        return cls
+    raise ConfigError(f"unknown sink {name!r}; valid names: {', '.join(available_sinks())}")
+
+
+def _options(cls: type[Sink]) -> list[str]:
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names:
+                names.append(p.name)
+    return names
+
+
+def _build(name: str, options: Mapping[str, Any]) -> Sink:
+    cls = _resolve(name)
+    valid = _options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"sink {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    return cls(**options)
+
+
+def _load_file(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        data = tomllib.loads(text)
+        if "sinks" not in data:
+            raise ConfigError(f"{path}: expected a TOML file with a [[sinks]] array of tables, got keys {sorted(data)}")
+        return data["sinks"]
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        return data["sinks"] if isinstance(data, dict) and "sinks" in data else data
+    raise ConfigError(f"{path}: expected a .toml or .json sink configuration file")
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.lower().endswith((".toml", ".json"))
+
+
+def make_sinks(config: Any = None) -> list[Sink]:
+    """Build sinks from a configuration.
+
+    ``config`` may be a sink name (``"tensorboard"``, ``"mlflow"``, ``"csv"``, ``"jsonl"``,
+    ``"images"`` or a registered/entry-point name), a dict ``{"type": name, **options}``, a
+    :class:`Sink` instance, a list of these, a path to a ``.toml`` (``[[sinks]]`` tables) or
+    ``.json`` file holding such a list, or ``None``: then the ``LABELTRACK_SINKS`` environment
+    variable (same forms: names separated by commas, or a file path, or JSON), else no sinks.
+
+    Raises:
+        ConfigError (a ValueError): unknown sink name or option, listing the valid ones.
+        MissingExtraError (a ModuleNotFoundError): the sink needs an extra that is not installed.
+
+    Example:
+        >>> [type(s).__name__ for s in make_sinks([{"type": "csv", "path": "/tmp/lt-doctest.csv"}])]
+        ['CSVSink']
+    """
+    if config is None:
+        env = os.environ.get(ENV_VAR, "").strip()
+        if not env:
+            return []
+        if env.startswith(("[", "{")):
+            return make_sinks(json.loads(env))
+        if _looks_like_path(env):
+            return make_sinks(Path(env))
+        return make_sinks([part.strip() for part in env.split(",") if part.strip()])
+    if isinstance(config, Sink):
+        return [config]
+    if isinstance(config, Path) or (isinstance(config, str) and _looks_like_path(config)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"sink configuration file {str(path)!r} does not exist")
+        return make_sinks(_load_file(path))
+    if isinstance(config, str):
+        return [_build(config, {})]
+    if isinstance(config, Mapping):
+        options = dict(config)
+        kind = options.pop("type", None)
+        if not isinstance(kind, str):
+            raise ConfigError(f"sink dict: expected a 'type' key naming the sink ({', '.join(available_sinks())}), got {config!r}")
+        return [_build(kind, options)]
+    if isinstance(config, Iterable) and not isinstance(config, (bytes, bytearray)):
+        sinks: list[Sink] = []
+        try:
+            for item in config:
+                if isinstance(item, (list, tuple)):
+                    raise ConfigError(f"sink list: expected names, dicts or Sink instances, got a nested {type(item).__name__}")
+                sinks.extend(make_sinks(item))
+        except Exception:
+            for s in sinks:  # do not leak sinks built before the bad entry
+                s.close()
+            raise
+        return sinks
+    raise ConfigError(
+        f"sink configuration: expected a name, dict, Sink, list, .toml/.json path or None, got {type(config).__name__}"
+    )
