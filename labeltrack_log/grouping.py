@@ -48,6 +48,10 @@ def to_numpy(x: Any, what: str = "input") -> np.ndarray:
         return x
     module = type(x).__module__
     if module.startswith("torch"):
+        try:
+            return x.numpy()  # CPU tensor without grad: zero-copy, ~1 us
+        except (RuntimeError, TypeError):
+            pass  # on a GPU, requires grad, or bfloat16
         x = x.detach()
         if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
             x = x.float()
@@ -58,8 +62,10 @@ def to_numpy(x: Any, what: str = "input") -> np.ndarray:
         arr = np.asarray(x)
     except (ValueError, TypeError) as err:  # ragged nested lists and the like
         raise InputShapeError(f"{what}: expected a 1-D array-like, got {type(x).__name__} that numpy cannot convert: {err}") from None
-    if isinstance(x, (list, tuple)) and arr.dtype.kind == "U" and not all(isinstance(e, str) for e in x):
-        raise InputTypeError(f"{what}: expected all ints or all strings, got a mix of strings and non-strings")
+    if isinstance(x, (list, tuple)) and arr.dtype.kind == "U":
+        if not all(isinstance(e, str) for e in x):
+            raise InputTypeError(f"{what}: expected all ints or all strings, got a mix of strings and non-strings")
+        arr = np.array(x, dtype=object)  # numpy's "U" dtype would drop trailing NUL characters
     return arr
 
 
@@ -89,11 +95,11 @@ def _normalise_labels(lab: np.ndarray) -> tuple[np.ndarray, str]:
             )
         return lab.astype(np.int64), "int"
     if k in "US":
-        return (lab.astype(str) if k == "S" else lab), "str"
+        return (lab.astype(str) if k == "S" else lab).astype(object), "str"
     if k == "O":
         items = lab.tolist()
         if all(isinstance(e, str) for e in items):
-            return np.array(items, dtype=str), "str"
+            return lab, "str"
         if all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in items):
             return np.array(items, dtype=np.int64), "int"
         kinds = sorted({type(e).__name__ for e in items})
@@ -166,7 +172,7 @@ class StatsTable:
     def row(self, i: int) -> LabelStats:
         """The record at row position ``i``."""
         return LabelStats(
-            self.labels[i].item(), int(self.count[i]), float(self.mean[i]), float(self.std[i]),
+            self.labels[i : i + 1].tolist()[0], int(self.count[i]), float(self.mean[i]), float(self.std[i]),
             float(self.min[i]), float(self.max[i]), int(self.nonfinite[i]),
         )
 
@@ -250,6 +256,8 @@ class GroupedStats:
         self._nonfinite = np.zeros(cap, dtype=np.int64)
         self._lbuf = np.empty(_CHUNK, dtype=np.int64)
         self._vbuf = np.empty(_CHUNK, dtype=np.float64)
+        self._sbuf = np.empty(_CHUNK, dtype=np.int64)
+        self._work = np.empty((2, 0))
         self._fill = 0
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # string labels are staged as copies
         self._pending_n = 0
@@ -266,13 +274,16 @@ class GroupedStats:
         n = len(self._labels)
         for key in ("_count", "_mean", "_m2", "_min", "_max", "_nonfinite"):
             state[key] = state[key][:n].copy()
-        del state["_lbuf"], state["_vbuf"]
+        for key in ("_lbuf", "_vbuf", "_sbuf", "_work"):
+            del state[key]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lbuf = np.empty(_CHUNK, dtype=np.int64)
         self._vbuf = np.empty(_CHUNK, dtype=np.float64)
+        self._sbuf = np.empty(_CHUNK, dtype=np.int64)
+        self._work = np.empty((2, 0))
         self._fill = 0
 
     # ----------------------------------------------------------------- update
@@ -380,15 +391,22 @@ class GroupedStats:
             lut = self._lut
             if hi >= len(lut):
                 lut = np.concatenate([lut, np.full(hi + 1 - len(lut), -1, dtype=np.int64)])
-            slots = lut[lab]
-            missing = slots < 0
-            if missing.any():
-                self._slots_for(np.unique(lab[missing]))
-                slots = self._lut[lab]
+            slots = self._sbuf[: len(lab)] if len(lab) <= _CHUNK else np.empty(len(lab), dtype=np.int64)
+            np.take(lut, lab, out=slots)
+            if slots.min() < 0:
+                self._slots_for(np.unique(lab[slots < 0]))
+                np.take(self._lut, lab, out=slots)
         else:
             uniq, inv = np.unique(lab, return_inverse=True)
             slots = self._slots_for(uniq)[inv.reshape(-1)]
         self._absorb_samples(slots, val)
+
+    def _scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two float work arrays of length n, reused across chunks (fresh allocations of this
+        size cost more than the arithmetic: the allocator maps new pages every time)."""
+        if self._work.shape[1] < n:
+            self._work = np.empty((2, n))
+        return self._work[0, :n], self._work[1, :n]
 
     def _absorb_samples(self, slots: np.ndarray, val: np.ndarray) -> None:
         k = len(self._labels)
@@ -407,9 +425,12 @@ class GroupedStats:
             pick = np.zeros(k)
             pick[slots] = val
             ref[new] = pick[new]
-        dev = val - ref[slots]
+        dev, sq = self._scratch(len(val))
+        np.take(ref, slots, out=dev)
+        np.subtract(val, dev, out=dev)
+        np.multiply(dev, dev, out=sq)
         s1 = np.bincount(slots, weights=dev, minlength=k)
-        s2 = np.bincount(slots, weights=dev * dev, minlength=k)
+        s2 = np.bincount(slots, weights=sq, minlength=k)
         np.minimum.at(self._min, slots, val)
         np.maximum.at(self._max, slots, val)
         idx = np.flatnonzero(cnt)
@@ -464,6 +485,8 @@ class GroupedStats:
             return StatsTable.empty()
         if self._kind == "str":
             labels = np.array(self._labels, dtype=str)
+            if any(lab.endswith("\x00") for lab in self._labels):  # "U" would drop trailing NULs
+                labels = np.array(self._labels, dtype=object)
         else:
             labels = np.array(self._labels, dtype=np.int64)
         order = np.argsort(labels, kind="stable")

@@ -141,7 +141,7 @@ def aggregates(table: StatsTable) -> tuple[dict[str, float], Any]:
             best_mean=float(means.min()),
             spread=float(means.std()),
         )
-        return agg, table.labels[seen][worst].item()
+        return agg, table.labels[seen][worst : worst + 1].tolist()[0]
     return agg, None
 
 
