@@ -1,0 +1,196 @@
+"""Plain-file sinks: ``CSVSink`` and ``JSONLSink`` (tidy rows), ``ImageDirSink`` (PNG per figure).
+
+The tidy row schema (one row per step x mode x label, append-only, loadable with
+``pandas.read_csv`` / ``pandas.read_json(lines=True)`` and by
+:meth:`labeltrack_log.StatsHistory.from_file`)::
+
+    wall_time, name, mode, step, label, label_name, count, mean, std, min, max, nonfinite
+
+File sinks ignore the label budget: a file holds every label (that is where the full table goes).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..errors import ConfigError
+from ..grouping import StatsTable
+from ..naming import file_stem
+from . import DEFAULT_LABEL_BUDGET, Sink
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+__all__ = ["CSVSink", "JSONLSink", "ImageDirSink", "FIELDS"]
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("wall_time", "name", "mode", "step", "label", "label_name", "count", "mean", "std", "min", "max", "nonfinite")
+
+
+def _writable_parent(path: Path, what: str) -> None:
+    """Create ``path``'s directory now, so a bad destination fails before training starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot create directory {str(path)!r}: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{what}: directory {str(path)!r} is not writable")
+
+
+class _RowSink(Sink):
+    """Shared part of the CSV and JSONL sinks: one open append-mode file, a row per label."""
+
+    _what = "file sink"
+    _default = "labeltrack.txt"
+
+    def __init__(self, path: str | os.PathLike | None = None, *, label_budget: int = DEFAULT_LABEL_BUDGET,
+                 label_names: Mapping[Any, str] | None = None) -> None:
+        super().__init__(label_budget=label_budget, label_names=label_names)
+        self.path = Path(path if path is not None else self._default)
+        if self.path.is_dir():
+            raise ConfigError(f"{self._what}: expected a file path, got the directory {str(self.path)!r}")
+        _writable_parent(self.path.parent, self._what)
+        self._file: io.TextIOWrapper | None = None
+        self._open()  # fail now, not at the first epoch end
+
+    def _open(self) -> io.TextIOWrapper:
+        if self._file is None:
+            try:
+                fresh = not self.path.exists() or self.path.stat().st_size == 0
+                self._file = open(self.path, "a", encoding="utf-8", newline="")
+            except OSError as err:
+                raise ConfigError(f"{self._what}: cannot open {str(self.path)!r} for appending: {err.strerror or err}") from None
+            if fresh:
+                self._write_header(self._file)
+        return self._file
+
+    def _write_header(self, f: io.TextIOWrapper) -> None:
+        """Called once when the file is new."""
+
+    def _rows(self, table: StatsTable, step: int, name: str, mode: str) -> list[tuple]:
+        now = time.time()
+        cols = table.to_dict()
+        return [
+            (now, name, mode, int(step), lab, self.label_text(lab), *vals)
+            for lab, *vals in zip(cols["labels"], cols["count"], cols["mean"], cols["std"], cols["min"], cols["max"], cols["nonfinite"])
+        ]
+
+    def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
+        """Append one row per label and flush to disk."""
+        if self._closed:
+            raise ValueError(f"{type(self).__name__} is closed")
+        f = self._open()
+        f.write(self._format(self._rows(table, step, name, mode)))
+        self.flush()
+
+    def _format(self, rows: list[tuple]) -> str:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Flush the file to the OS and to disk."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self.flush()
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_file"] = None  # reopened (append) on the next write
+        return state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+class CSVSink(_RowSink):
+    """Append tidy rows to a CSV file (header written once, when the file is new).
+
+    Example:
+        >>> from labeltrack_log import GroupedStats
+        >>> g = GroupedStats(); g.update([0, 1], [0.5, 1.5])
+        >>> with CSVSink("/tmp/lt-doctest-stats.csv") as sink:
+        ...     sink.log_stats(g.compute(), step=1, name="loss_by_y", mode="eval")
+    """
+
+    _what = "CSVSink"
+    _default = "labeltrack.csv"
+
+    def _write_header(self, f: io.TextIOWrapper) -> None:
+        csv.writer(f).writerow(FIELDS)
+
+    def _format(self, rows: list[tuple]) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        for row in rows:
+            writer.writerow([_csv_value(v) for v in row])
+        return buf.getvalue()
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return repr(v)  # round-trips exactly; nan/inf as 'nan', 'inf', '-inf'
+    return v
+
+
+class JSONLSink(_RowSink):
+    """Append one JSON object per row to a JSON-lines file (NaN/inf written as null)."""
+
+    _what = "JSONLSink"
+    _default = "labeltrack.jsonl"
+
+    def _format(self, rows: list[tuple]) -> str:
+        out = []
+        for row in rows:
+            obj = dict(zip(FIELDS, row))
+            for key in ("mean", "std", "min", "max"):
+                if not math.isfinite(obj[key]):
+                    obj[key] = None
+            out.append(json.dumps(obj, ensure_ascii=False, allow_nan=False))
+        return "\n".join(out) + "\n"
+
+
+class ImageDirSink(Sink):
+    """Write every figure as a PNG in ``directory``, named like FastEstimator's ImageSaver.
+
+    File names: ``<name>_<mode>_step_<step>.png`` (FE's ImageSaver writes
+    ``<key>_<mode>_epoch_<epoch>.png``); every component is made file-name safe.
+    """
+
+    def __init__(self, directory: str | os.PathLike = "images", *, dpi: float | None = None,
+                 label_budget: int = DEFAULT_LABEL_BUDGET, label_names: Mapping[Any, str] | None = None) -> None:
+        super().__init__(label_budget=label_budget, label_names=label_names)
+        self.directory = Path(directory)
+        self.dpi = dpi
+        _writable_parent(self.directory, "ImageDirSink")
+        self.written: list[Path] = []
+
+    def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
+        """Tables are not written by this sink (use CSVSink/JSONLSink next to it)."""
+
+    def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
+        """Save ``figure`` as ``<name>_<mode>_step_<step>.png`` (atomically: temp file + rename)."""
+        from ..figures import figure_to_png
+
+        path = self.directory / f"{file_stem(name, mode)}_step_{int(step)}.png"
+        tmp = path.with_suffix(".png.tmp")
+        tmp.write_bytes(figure_to_png(figure, dpi=self.dpi))
+        os.replace(tmp, path)
+        self.written.append(path)
+        logger.info("saved figure to %s", path)
+
+    def __repr__(self) -> str:
+        return f"ImageDirSink({str(self.directory)!r})"
