@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 # A second, minimal environment: the core with numpy 2.x and nothing optional.
 $(CORE_STAMP): pyproject.toml constraints.txt
 	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
-	$(CORE_VENV)/bin/python -m pip install --quiet "numpy>=2" "matplotlib>=3.8" pytest hypothesis
+	$(CORE_VENV)/bin/python -m pip install --quiet "numpy>=2" "matplotlib>=3.8" pytest pytest-timeout hypothesis
 	$(CORE_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	rm -f $(CORE_VENV)/.stamp-*
 	touch $@

@@ -87,10 +87,12 @@ def _normalise_labels(lab: np.ndarray) -> tuple[np.ndarray, str]:
             raise InputTypeError("labels: expected integers that fit in int64, got uint64 values above 2**63-1")
         return lab.astype(np.int64, copy=False), "int"
     if k == "f":
-        if lab.size and not (np.isfinite(lab).all() and (lab == np.round(lab)).all()):
-            bad = lab[~(np.isfinite(lab) & (lab == np.round(lab)))][0]
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(lab) & (lab == np.round(lab)) & (np.abs(lab) < 2.0**63)
+        if not ok.all():
+            bad = lab[~ok][0].item()
             raise InputTypeError(
-                f"labels: expected class ids (ints, bools or strings), got float labels with non-integer value {bad!r}. "
+                f"labels: expected class ids (ints, bools or strings), got float labels with non-integer (or out of int64 range) value {bad!r}. "
                 "Pass integer class ids instead (e.g. y.argmax(-1) for one-hot or probabilities, or y.round().long())."
             )
         return lab.astype(np.int64), "int"
@@ -118,7 +120,7 @@ def _normalise_values(val: np.ndarray) -> np.ndarray:
             pass
     raise InputTypeError(
         f"values: expected numeric per-sample metric values (floats), got dtype {val.dtype}"
-        + (f" (first value {val.flat[0]!r})" if val.size else "")
+        + (f" (first value {val[:1].tolist()[0]!r})" if val.size else "")
     )
 
 

@@ -73,7 +73,10 @@ class AccumulatorMachine(RuleBasedStateMachine):
         k = labels.dtype.kind
         if k == "c":
             return False
-        if k == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+        if k == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()
+                             and (np.abs(labels) < 2.0**63).all()):
+            return False
+        if k == "u" and labels.max() > np.iinfo(np.int64).max:
             return False
         kind = "str" if k == "U" else "bool" if k == "b" else "int"
         return self.kind is None or self.kind == kind

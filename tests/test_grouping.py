@@ -241,7 +241,7 @@ def test_table_record_is_immutable_and_columns_read_only():
         (np.zeros(4, int), np.zeros((4, 3)), InputShapeError, r"values: .*got shape \(4, 3\)"),
         (np.zeros(4, int), np.float32(0.3), InputShapeError, r"values: .*scalar \(0-d\).*reduction='none'"),
         ([1, 2], ["a", "b"], InputTypeError, "values: expected numeric"),
-        ([0.5, 1.0], [1.0, 2.0], InputTypeError, "non-integer value 0.5"),
+        ([0.5, 1.0], [1.0, 2.0], InputTypeError, r"non-integer \(or out of int64 range\) value 0.5"),
         ([1, "a"], [1.0, 2.0], InputTypeError, "mix of strings"),
         ([1, None], [1.0, 2.0], InputTypeError, "expected all ints or all strings"),
         ([[1, 2], [3]], [1.0, 2.0], InputShapeError, "numpy cannot convert"),
