@@ -32,7 +32,7 @@ def arrays(draw, dtypes):
     one_d = st.integers(0, 8).map(lambda n: (n,))
     shape = draw(st.one_of(st.just(()), hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=6), one_d, one_d))
     if dtype.kind == "U":
-        elements = st.text(max_size=3)
+        elements = st.text(max_size=3).map(lambda s: s.rstrip("\x00"))
     elif dtype.kind == "f":
         elements = st.one_of(st.integers(-5, 300).map(float), st.floats(width=dtype.itemsize * 8, allow_subnormal=False))
     else:
