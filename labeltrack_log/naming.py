@@ -34,9 +34,11 @@ __all__ = [
     "component",
     "label_text",
     "tb_tag",
+    "tb_item_tag",
     "mlflow_key",
     "image_key",
     "file_stem",
+    "figure_name",
 ]
 
 SUMMARY = "_summary"
@@ -93,6 +95,11 @@ def tb_tag(name: str, label: str, stat: str) -> str:
     return f"{component(name, 'tag')}/{label if label == SUMMARY else component(label, 'tag')}/{stat}"
 
 
+def tb_item_tag(name: str, item: str) -> str:
+    """TensorBoard tag for a per-name item that is not a statistic: ``<name>/figure``, ``<name>/table``."""
+    return f"{component(name, 'tag')}/{component(item, 'tag')}"
+
+
 def mlflow_key(name: str, mode: str, label: str, stat: str) -> str:
     """MLflow metric key for one label (or :data:`SUMMARY`) and statistic."""
     lab = label if label == SUMMARY else component(label, "mlflow")
@@ -107,3 +114,9 @@ def image_key(name: str, mode: str, figure: str) -> str:
 def file_stem(*parts: Any) -> str:
     """A file name stem made of safe components joined by ``_``."""
     return "_".join(component(p, "file") for p in parts)
+
+
+def figure_name(name: str, bound: str | None) -> str:
+    """The name a band figure of tracked ``name`` is logged under: ``<name>_<bound>_band``
+    (``bound`` is ``"std"``, ``"range"``, or None for the mean alone: ``<name>_mean_band``)."""
+    return f"{name}_{bound or 'mean'}_band"
