@@ -130,7 +130,7 @@ class BudgetView:
 
 def aggregates(table: StatsTable) -> tuple[dict[str, float], Any]:
     """Aggregate statistics across the labels of ``table`` and the label with the largest mean."""
-    seen = table.count > 0
+    seen = (table.count > 0) & np.isfinite(table.mean)  # a mean overflows to inf only for values near 1e308
     means = table.mean[seen]
     agg = {"num_labels": float(len(table)), "nonfinite": float(table.nonfinite.sum())}
     if len(means):

@@ -1,0 +1,450 @@
+"""MLflowSink: per-label statistics as batched MLflow metrics, band figures as step-indexed images.
+
+Design, in short:
+
+- **Own client, explicit run.** The sink holds its own ``MlflowClient(tracking_uri)`` and run id and
+  never touches MLflow's fluent globals (no ``set_tracking_uri``/``set_experiment``/``start_run``).
+- **Batched.** One ``log_stats`` becomes requests of at most 1000 metrics each (the server's limit),
+  keys from :func:`labeltrack_log.naming.mlflow_key`.
+- **Bounded, never raising, never losing data.** Every request runs synchronously with
+  ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` set to the time left of
+  the call's budget (``timeout``, default 5 s). These two environment variables are set only while
+  the sink's own request runs (under a process-wide lock) and restored afterwards: another thread
+  calling MLflow at that very moment would see them too. When a request fails with a transient error
+  (connection refused, timeout, HTTP 5xx/408/429) or the budget is spent, that batch and every later
+  one go to an append-only JSON-lines spool (see :mod:`._spool`); later calls replay the spool in
+  order (at most one probe every ``retry_interval`` seconds; ``flush()`` and ``close()`` always try).
+  A permanent error (HTTP 4xx: e.g. the run was deleted) is logged once and everything after it is
+  spooled too, for ``labeltrack-log replay`` once the cause is fixed.
+- **Exactly once.** Replayed batches are looked up before they are sent, so a batch that was
+  stored but whose answer was lost is not sent twice (details and the residual risk in :mod:`._spool`).
+
+Values: NaN is logged as NaN (MLflow stores it; the UI leaves a gap). +/-inf is logged as NaN
+(MLflow's SQL stores would turn it into +/-1.8e308 and wreck the chart's axis); per-label
+``nonfinite`` counts still record non-finite inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from ..errors import ConfigError, InputTypeError
+from ..grouping import StatsTable
+from ..naming import STATS, SUMMARY, file_stem, image_key, label_text, mlflow_key
+from . import DEFAULT_LABEL_BUDGET, Sink, apply_budget
+from ._spool import (Spool, check_uri, deliver, find_or_create_run, http_limits, import_mlflow, is_http,
+                     is_transient, png_b64, replay_spool, short_error)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+
+__all__ = ["MLflowSink", "replay_spool"]
+
+logger = logging.getLogger(__name__)
+
+MAX_METRICS_PER_REQUEST = 1000
+_STAT_KEYS = STATS + ("nonfinite",)
+
+
+def _resolve_uri(tracking_uri: str | None, mlflow: Any) -> str:
+    """The explicit URI, else the one the user set (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``),
+    else ``sqlite:///<abs cwd>/mlflow.db``."""
+    if tracking_uri is not None:
+        if not isinstance(tracking_uri, str):
+            raise ConfigError(f"tracking_uri: expected a str URI, got {type(tracking_uri).__name__} {tracking_uri!r}")
+        return tracking_uri
+    if mlflow.tracking.is_tracking_uri_set():
+        return mlflow.get_tracking_uri()
+    return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve().as_posix()}"
+
+
+def _same_uri(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise InputTypeError(f"step: expected a non-negative int, got {type(step).__name__} {step!r}")
+    return int(step)
+
+
+def _positive(value: Any, what: str, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ConfigError(f"{what}: expected a {kind} number of seconds, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- sink
+class MLflowSink(Sink):
+    """Write per-label statistics to MLflow as batched metrics and band figures as step-indexed images.
+
+    Metric keys are ``<name>/<mode>/<label>/<stat>`` (stats ``mean, std, min, max, count``, plus
+    ``nonfinite`` when non-zero) and ``<name>/<mode>/_summary/<aggregate>`` (``macro_mean``,
+    ``worst_mean``, ``best_mean``, ``spread``, ``num_labels``, ``nonfinite``) at every step. Over the
+    label budget only the budget's labels get metrics and the full table is stored as the artifact
+    ``tables/<name>_<mode>_step<step>.csv``. Figures go to ``log_image`` with key
+    ``<name>/<mode>/figure`` (the Image grid shows them with a step slider).
+
+    When two labels share a display name, the later one is keyed as ``<display name> (<label>)``.
+
+    The run: an explicit ``run_id`` is used as is; otherwise the active fluent run
+    (``mlflow.active_run()``) is joined, unless ``tracking_uri`` names another server than the one it
+    lives on; otherwise a run is created in ``experiment`` (created if missing). Only a run the sink
+    created is ended by :meth:`close`: ``FINISHED``, or ``FAILED`` when the sink is used as a context
+    manager and the block raises. A copy made by pickling shares the run but never ends it.
+
+    Args:
+        tracking_uri: MLflow tracking URI. None: ``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``
+            if set, else ``sqlite:///<abs cwd>/mlflow.db`` (passed explicitly, not set globally).
+        experiment: Experiment name for a new run (default ``MLFLOW_EXPERIMENT_NAME``, else ``Default``).
+        run_id: Log into this existing run.
+        run_name: Name of a new run.
+        experiment_id: Existing experiment id for a new run, instead of ``experiment``.
+        label_budget: Labels with their own metrics (see :class:`~labeltrack_log.sinks.Sink`).
+        label_names: Label value -> display name.
+        timeout: Longest time, in seconds, one call waits on an unreachable or slow server (each
+            request gets what is left of it, rounded up to whole seconds); then it spools.
+        retry_interval: After a failure, calls spool without contacting the server for this long.
+        close_timeout: Time :meth:`close` may spend replaying a backlog to a server that answers.
+        spool_dir: Directory for spool files (created only when needed; default ``./labeltrack-spool``).
+
+    Raises:
+        ConfigError: malformed tracking URI; unknown ``run_id`` or ``experiment_id``; a local store
+            that cannot be opened. (A well-formed http URI whose server is down is not an error.)
+        MissingExtraError: mlflow is not installed.
+
+    Example:
+        >>> from labeltrack_log import GroupedStats
+        >>> g = GroupedStats(); g.update([0, 1, 1], [0.5, 1.0, 3.0])
+        >>> with MLflowSink(experiment="demo") as sink:  # doctest: +SKIP
+        ...     sink.log_stats(g.compute(), step=1, name="loss_by_y", mode="train")
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None,
+                 run_name: str | None = None, *, experiment_id: str | None = None,
+                 label_budget: int = DEFAULT_LABEL_BUDGET, label_names: Mapping[Any, str] | None = None,
+                 timeout: float = 5.0, retry_interval: float = 10.0, close_timeout: float = 60.0,
+                 spool_dir: str | os.PathLike | None = None) -> None:
+        super().__init__(label_budget=label_budget, label_names=label_names)
+        mlflow = import_mlflow()
+        self.timeout = _positive(timeout, "timeout")
+        self.retry_interval = _positive(retry_interval, "retry_interval", allow_zero=True)
+        self.close_timeout = _positive(close_timeout, "close_timeout")
+        for what, value in (("experiment", experiment), ("run_id", run_id), ("run_name", run_name),
+                            ("experiment_id", experiment_id)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{what}: expected a non-empty str, got {value!r}")
+        if experiment is not None and experiment_id is not None:
+            raise ConfigError(f"expected experiment or experiment_id, got both ({experiment!r}, {experiment_id!r})")
+        if experiment is None and experiment_id is None:
+            experiment, experiment_id = os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+        self.experiment, self.experiment_id, self.run_name = experiment, experiment_id, run_name
+
+        active = mlflow.active_run() if run_id is None else None
+        self.tracking_uri = _resolve_uri(tracking_uri, mlflow)
+        if active is not None and (tracking_uri is None or _same_uri(tracking_uri, mlflow.get_tracking_uri())):
+            self.tracking_uri, run_id = mlflow.get_tracking_uri(), active.info.run_id
+        elif active is not None:
+            logger.info("not joining the active run %s: it lives at %s, not %s", active.info.run_id,
+                        mlflow.get_tracking_uri(), self.tracking_uri)
+            active = None
+        check_uri(self.tracking_uri)
+
+        self.sink_run = uuid.uuid4().hex  # tags a run this sink creates, so a retried create finds it
+        self.spool_dir = Path(spool_dir if spool_dir is not None else "labeltrack-spool").resolve()
+        self._init_runtime()
+        self.run_id: str | None = run_id
+        self.owns_run = False
+        self.end_status = "FINISHED"
+        self._seq = 0
+        self._last_ms = 0
+        self._keys: dict[tuple[str, str], dict[Any, tuple[str, ...]]] = {}
+        self._used: dict[tuple[str, str], set[str]] = {}
+        if run_id is not None:
+            if active is None:
+                self._construct(lambda: self._verify_run(run_id), f"checking run_id {run_id!r}")
+        else:
+            create = self._op("create_run", run_name=run_name)
+            self.owns_run = True
+            if self._construct(lambda: setattr(self, "run_id", find_or_create_run(self.client, create, False)),
+                               "creating the run") is False:
+                self._to_spool([create])
+
+    def _init_runtime(self) -> None:
+        self._client: "MlflowClient | None" = None
+        self._lock = threading.RLock()
+        self._backlog: list[dict[str, Any]] = []
+        self._retry_at = 0.0
+        self._broken: str | None = None
+        self._outage = False
+        self.spool = Spool(self.spool_dir / f"mlflow-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl")
+
+    @property
+    def client(self) -> "MlflowClient":
+        """The sink's own ``MlflowClient`` (created on first use, dropped when pickled)."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _construct(self, call: Any, what: str) -> bool:
+        """Run a constructor request: a malformed destination raises ConfigError, an unreachable
+        http server returns False (the sink then spools)."""
+        try:
+            with http_limits(self.tracking_uri, self.timeout):
+                call()
+            return True
+        except ConfigError:
+            raise
+        except Exception as err:
+            if is_http(self.tracking_uri) and is_transient(err):
+                self._outage = True
+                self._retry_at = time.monotonic() + self.retry_interval
+                logger.warning("MLflow server at %s is unreachable (%s: %s); %s is postponed and batches are "
+                               "spooled to %s until it answers", self.tracking_uri, type(err).__name__,
+                               short_error(err), what, self.spool.path)
+                return False
+            raise ConfigError(f"MLflowSink at {self.tracking_uri}: {what} failed: {short_error(err)}") from None
+
+    def _verify_run(self, run_id: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            if err.get_http_status_code() in (400, 404):
+                raise ConfigError(f"run_id: expected the id of an existing run at {self.tracking_uri}, "
+                                  f"got {run_id!r} ({short_error(err)})") from None
+            raise
+        if run.info.lifecycle_stage == "deleted":
+            raise ConfigError(f"run_id: expected an active run, got {run_id!r}, which is deleted at {self.tracking_uri}: "
+                              "restore it or log to another run")
+
+    # ------------------------------------------------------------------- batches
+    def _now_ms(self) -> int:
+        """Milliseconds, strictly increasing per sink: (key, step, timestamp) identifies a batch."""
+        self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
+        return self._last_ms
+
+    def _op(self, kind: str, **fields: Any) -> dict[str, Any]:
+        op = {"seq": self._seq, "kind": kind, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+              "experiment_id": self.experiment_id, "run_id": self.run_id, "sink_run": self.sink_run,
+              "time": self._now_ms(), **fields}
+        self._seq += 1
+        return op
+
+    def _label_keys(self, name: str, mode: str, labels: list[Any]) -> list[tuple[str, ...]]:
+        cache = self._keys.setdefault((name, mode), {})
+        used = self._used.setdefault((name, mode), set())
+        out = []
+        for lab in labels:
+            keys = cache.get(lab)
+            if keys is None:
+                text = self.label_text(lab)
+                if mlflow_key(name, mode, text, "mean") in used:  # two labels share a display name
+                    text = f"{text} ({label_text(lab)})"
+                keys = cache[lab] = tuple(mlflow_key(name, mode, text, s) for s in _STAT_KEYS)
+                used.add(keys[0])
+            out.append(keys)
+        return out
+
+    def _stats_ops(self, table: StatsTable, step: int, name: str, mode: str) -> list[dict[str, Any]]:
+        view = apply_budget(table, self.label_budget, list(self.label_names) or None)
+        ts = self._now_ms()
+        rows: list[list[Any]] = []
+        t = view.table
+        cols = [np.where(np.isinf(c), np.nan, c).tolist() for c in (t.mean, t.std, t.min, t.max)]
+        counts, nonfinite = t.count.tolist(), t.nonfinite.tolist()
+        for i, keys in enumerate(self._label_keys(name, mode, t.labels.tolist())):
+            for j in range(4):
+                rows.append([keys[j], cols[j][i], ts, step])
+            rows.append([keys[4], float(counts[i]), ts, step])
+            if nonfinite[i]:
+                rows.append([keys[5], float(nonfinite[i]), ts, step])
+        for stat, value in view.aggregates.items():
+            rows.append([mlflow_key(name, mode, SUMMARY, stat), value if math.isfinite(value) else math.nan, ts, step])
+        ops = [self._op("metrics", step=step, metrics=rows[i:i + MAX_METRICS_PER_REQUEST])
+               for i in range(0, len(rows), MAX_METRICS_PER_REQUEST)]
+        if view.over_budget:
+            path = f"tables/{file_stem(name, mode, f'step{step}')}.csv"
+            ops.append(self._op("text", step=step, path=path, text=self._csv(table, step, name, mode)))
+        return ops
+
+    def _csv(self, table: StatsTable, step: int, name: str, mode: str) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(("wall_time", "name", "mode", "step", "label", "label_name", "count", "mean", "std", "min",
+                         "max", "nonfinite"))
+        now, d = time.time(), table.to_dict()
+        for lab, *vals in zip(d["labels"], d["count"], d["mean"], d["std"], d["min"], d["max"], d["nonfinite"]):
+            writer.writerow((now, name, mode, step, label_text(lab), self.label_text(lab), *map(repr, vals)))
+        return buf.getvalue()
+
+    # ------------------------------------------------------------------ delivery
+    def _attempt(self, op: dict[str, Any], deadline: float, check: bool) -> bool:
+        """Try one batch; False (never an exception) when it must be spooled."""
+        left = deadline - time.monotonic()
+        if self._broken or left <= 0:
+            return False
+        try:
+            with http_limits(self.tracking_uri, min(left, self.timeout)):
+                if op["kind"] == "create_run":
+                    self.run_id = find_or_create_run(self.client, op, search=check)
+                else:
+                    deliver(self.client, op, self.run_id, check)
+            return True
+        except Exception as err:
+            if is_transient(err):
+                self._retry_at = time.monotonic() + self.retry_interval
+                if not self._outage:
+                    self._outage = True
+                    logger.warning("MLflow server at %s did not take a batch (%s: %s); spooling to %s and retrying "
+                                   "in order later (or run: labeltrack-log replay %s)", self.tracking_uri,
+                                   type(err).__name__, short_error(err), self.spool.path, self.spool.path)
+            else:
+                self._broken = f"{type(err).__name__}: {short_error(err)}"
+                logger.error("MLflow at %s rejected a %s batch (%s); this and every later batch go to %s; fix the "
+                             "cause, then run: labeltrack-log replay %s", self.tracking_uri, op["kind"], self._broken,
+                             self.spool.path, self.spool.path)
+            return False
+
+    def _drain(self, deadline: float, force: bool) -> bool:
+        """Replay the backlog in order; True when it is empty."""
+        if not self._backlog:
+            return True
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        done = 0
+        while self._backlog:
+            op = self._backlog[0]
+            if not self._attempt(op, deadline, check=True):
+                return False
+            self._backlog.pop(0)
+            done += 1
+            try:
+                self.spool.advance(op["seq"], self.run_id)
+            except OSError as err:  # harmless: a replay looks each batch up before sending it
+                logger.warning("could not update the spool cursor %s: %s", self.spool.cursor_path, err)
+        logger.info("MLflow server at %s answers again: delivered %d spooled batch(es)", self.tracking_uri, done)
+        self._outage = False
+        try:
+            self.spool.remove()
+        except OSError as err:
+            logger.warning("could not remove the delivered spool %s: %s", self.spool.path, err)
+        return True
+
+    def _to_spool(self, ops: list[dict[str, Any]]) -> None:
+        lines = []
+        for op in ops:
+            line = {k: v for k, v in op.items() if not k.startswith("_")}
+            line["run_id"] = line["run_id"] or self.run_id
+            if "_rgb" in op:
+                line["png"] = png_b64(op["_rgb"])
+            if op["kind"] == "metrics":
+                line["metrics"] = [[k, None if v != v else v, ts, s] for k, v, ts, s in op["metrics"]]
+            lines.append(line)
+        try:
+            self.spool.append(lines)
+        except Exception as err:  # the disk is the last resort: say loudly what is lost
+            logger.error("could not write %d MLflow batch(es) to the spool %s (%s): they are lost", len(ops),
+                         self.spool.path, err)
+            return
+        self._backlog.extend(lines)
+
+    def _submit(self, ops: list[dict[str, Any]], deadline: float | None = None, force: bool = False) -> None:
+        with self._lock:
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            if self.run_id is None and not self._backlog:  # a pickled copy whose run was not created yet
+                ops.insert(0, self._op("create_run", run_name=self.run_name))
+                for op in ops:  # keep seq in line order
+                    op["seq"], self._seq = self._seq, self._seq + 1
+            if not self._drain(deadline, force):
+                self._to_spool(ops)
+                return
+            for i, op in enumerate(ops):
+                if not self._attempt(op, deadline, check=False):
+                    self._to_spool(ops[i:])
+                    return
+
+    # ------------------------------------------------------------------ contract
+    def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
+        """Log the statistics of ``name`` in ``mode`` at ``step``; never raises on server trouble."""
+        if self._closed:
+            raise ValueError("MLflowSink is closed")
+        if not isinstance(table, StatsTable):
+            raise InputTypeError(f"table: expected a StatsTable (GroupedStats.compute()), got {type(table).__name__}")
+        step = _check_step(step)
+        with self._lock:
+            ops = self._stats_ops(table, step, name, mode)
+        self._submit(ops)
+
+    def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
+        """Log ``figure`` with ``client.log_image`` (key ``<name>/<mode>/figure``) at ``step``."""
+        from ..figures import figure_to_rgb
+
+        if self._closed:
+            raise ValueError("MLflowSink is closed")
+        step = _check_step(step)
+        rgb = figure_to_rgb(figure)
+        with self._lock:
+            op = self._op("image", key=image_key(name, mode, "figure"), step=step, timestamp=self._now_ms(), _rgb=rgb)
+        self._submit([op])
+
+    def flush(self) -> None:
+        """Replay spooled batches now (within ``timeout``) if there are any."""
+        with self._lock:
+            self._drain(time.monotonic() + self.timeout, force=True)
+
+    def _close(self) -> None:
+        with self._lock:
+            deadline = time.monotonic() + self.close_timeout
+            if self.owns_run:
+                self._submit([self._op("end_run", status=self.end_status)], deadline, force=True)
+            else:
+                self._drain(deadline, force=True)
+            if self._backlog:
+                logger.warning("MLflowSink: %d batch(es) for run %s could not be delivered to %s and are kept in %s. "
+                               "Replay them when the server is back with: labeltrack-log replay %s",
+                               len(self._backlog), self.run_id or "(not created yet)", self.tracking_uri,
+                               self.spool.path, self.spool.path)
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.end_status = "FAILED"
+        self.close()
+
+    def set_label_names(self, names: Mapping[Any, str] | None) -> None:
+        """Set the label value -> display name mapping; keys use it from the next ``log_stats`` on."""
+        super().set_label_names(names)
+        self._keys.clear()
+        self._used.clear()
+
+    # ------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_client", "_lock", "_backlog", "spool")}
+        state["owns_run"] = False  # the original ends the run it created
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()  # a fresh client (lazily), lock and spool file
+
+    def __repr__(self) -> str:
+        return (f"MLflowSink(tracking_uri={self.tracking_uri!r}, run_id={self.run_id!r}, "
+                f"label_budget={self.label_budget})")
