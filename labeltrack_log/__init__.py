@@ -7,6 +7,7 @@ sinks import their backend (tensorboard, mlflow) when they are created.
 
 from .errors import ConfigError, InputShapeError, InputTypeError, LabelTrackError, MissingExtraError
 from .grouping import GroupedStats, LabelStats, StatsTable
+from .history import StatsHistory
 
 __version__ = "0.1.0"
 
@@ -22,10 +23,3 @@ __all__ = [
     "MissingExtraError",
 ]
 
-
-def __getattr__(name: str):  # lazy: StatsHistory lives in history.py
-    if name == "StatsHistory":
-        from .history import StatsHistory
-
-        return StatsHistory
-    raise AttributeError(f"module 'labeltrack_log' has no attribute {name!r}")
