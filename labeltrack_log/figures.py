@@ -175,7 +175,7 @@ class _Panel:
         (self.line,) = ax.plot([], [], color=_BLUE, lw=1.6, zorder=4, gid="mean")
         (self.dots,) = ax.plot([], [], color=_BLUE, ls="none", marker="o", ms=3.8, zorder=5, gid="points")
         # y=1.0 turns off matplotlib's automatic title placement (a costly tight-bbox pass).
-        self.title = ax.set_title("", fontsize=9, loc="left", pad=3, color=_TEXT, y=1.0)
+        self.title = ax.set_title("", fontsize=9, loc="left", pad=3, color=_TEXT, y=1.0, parse_math=False)
         self.count = ax.set_title("", fontsize=7.5, loc="right", pad=3.5, color=_GREY, y=1.0)
 
     def update(self, x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, ref: np.ndarray,
@@ -240,6 +240,8 @@ class _Heatmap:
         self.ax.set_xticks(positions, [f"{int(v):,}" for v in values])
         rows = _nice_ticks(n, int(self.ax.bbox.height / 15))
         self.ax.set_yticks(rows, [_short(texts[order[r]], 18) for r in rows])
+        for tick in self.ax.get_yticklabels():
+            tick.set_parse_math(False)  # label names are data: "$x$" stays "$x$"
         position = np.empty(n, dtype=np.int64)
         position[order] = np.arange(n)
         self.marks.set_data(np.full(len(worst), 1.012), position[worst])
@@ -475,7 +477,8 @@ class BandFigure:
                 ax.spines[side].set_visible(False)
             self._panels.append(_Panel(ax, x_ticks=x_ticks, y_ticks=y_ticks))
         # Header: title, summary line and a three-entry key (never a per-label legend).
-        self._header = fig.text(_LEFT / W, 1 - 0.22 / H, "", fontsize=11.5, weight="bold", color=_TEXT, va="top")
+        self._header = fig.text(_LEFT / W, 1 - 0.22 / H, "", fontsize=11.5, weight="bold", color=_TEXT, va="top",
+                                parse_math=False)
         self._info = fig.text(_LEFT / W, 1 - 0.50 / H, "", fontsize=8.5, color=_TEXT, va="top")
         handles = [
             Line2D([], [], color=_BLUE, lw=1.6, marker="o", ms=3, label="label mean"),
@@ -486,7 +489,7 @@ class BandFigure:
                    frameon=False, fontsize=8, handlelength=1.8, columnspacing=1.2)
         fig.text((_LEFT + (W - _LEFT - _RIGHT) / 2) / W, 0.06 / H, "step", ha="center", va="bottom", fontsize=8, color=_TEXT)
         self._ylabel = fig.text(0.08 / W, (_BOTTOM + grid_h / 2) / H, "", rotation=90, ha="left", va="center",
-                                fontsize=8, color=_TEXT)
+                                fontsize=8, color=_TEXT, parse_math=False)
         self._heat = None
         if heatmap:
             bottom = y0 + _HEAT_GAP

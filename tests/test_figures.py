@@ -384,3 +384,13 @@ def test_cli_render_subprocess(tmp_path):
     assert decode(png.read_bytes()).format == "PNG"
     bad = subprocess.run(cmd[:-1] + ["nope"], capture_output=True, text=True, timeout=180)
     assert bad.returncode == 2 and "mode: expected one of ['train', 'eval'], got 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize("n_labels", [3, 40])
+def test_dollar_signs_in_names_are_text_not_mathtext(n_labels):
+    names = {0: "$\\foo$", 1: "cost $5", 2: "a_b^c"}
+    means = np.linspace(1.0, 2.0, n_labels * 3).reshape(n_labels, 3)
+    fig = band_figure(history_from(means, name="ce $x^"), label_names=names, max_panels=25)
+    assert decode(figure_to_png(fig)).size[0] > 0  # mathtext would raise ParseFatalException here
+    shown = titles(fig) + [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+    assert any("$\\foo$" in t for t in shown)
