@@ -11,11 +11,12 @@ Schemes (``name`` = tracked quantity such as ``ce_by_y``, ``mode`` = ``train``/`
 =====================  ==============================================  ========================
 target                 form                                            allowed characters
 =====================  ==============================================  ========================
-TensorBoard run dir    ``<logdir>/<mode>``                              file-name safe
-TensorBoard scalar     ``<name>/<label>/<stat>``                         anything but ``/``
-MLflow metric          ``<name>/<mode>/<label>/<stat>``                  unicode ``\\w``, ``-._ :``
-MLflow image key       ``<name>/<mode>/<figure>``                        ASCII ``[A-Za-z0-9_-. ]``
-files                  ``<name>_<mode>_<figure>_step<step>.png`` etc.   ASCII ``[A-Za-z0-9_-.]``
+TensorBoard run dir    ``<logdir>/<mode>``                             file-name safe
+TensorBoard scalar     ``<name>/<label>/<stat>``                       anything but ``/``
+MLflow metric          ``<name>/<mode>/<label>/<stat>``                unicode ``\\w``, ``-._ :``
+MLflow image key       ``<name>/<mode>/<figure>``                      ASCII ``[A-Za-z0-9_-. ]``
+figure file            ``<name>_<mode>_step_<step>.png``               ASCII ``[A-Za-z0-9_-.]``
+table file             ``<name>_<mode>_step<step>.csv``                ASCII ``[A-Za-z0-9_-.]``
 =====================  ==============================================  ========================
 
 Aggregates across labels use the reserved label component :data:`SUMMARY` (a real label that
@@ -38,6 +39,8 @@ __all__ = [
     "mlflow_key",
     "image_key",
     "file_stem",
+    "figure_file",
+    "table_file",
     "figure_name",
 ]
 
@@ -114,6 +117,17 @@ def image_key(name: str, mode: str, figure: str) -> str:
 def file_stem(*parts: Any) -> str:
     """A file name stem made of safe components joined by ``_``."""
     return "_".join(component(p, "file") for p in parts)
+
+
+def figure_file(name: str, mode: str, step: int) -> str:
+    """File name of the figure of ``name`` in ``mode`` at ``step``: ``<name>_<mode>_step_<step>.png``
+    (like FastEstimator's ImageSaver ``<key>_<mode>_epoch_<epoch>.png``)."""
+    return f"{file_stem(name, mode)}_step_{int(step)}.png"
+
+
+def table_file(name: str, mode: str, step: int) -> str:
+    """File name of the full table of ``name`` in ``mode`` at ``step``: ``<name>_<mode>_step<step>.csv``."""
+    return f"{file_stem(name, mode, f'step{int(step)}')}.csv"
 
 
 def figure_name(name: str, bound: str | None) -> str:

@@ -154,7 +154,8 @@ def test_display_names_and_duplicate_display_names(mlflow_server):
     means = {k: v for k, v in ((k, history(url, run_id, k)) for k in metric_keys(url, run_id)) if k.endswith("/mean")
              and SUMMARY not in k}
     assert sorted(v[0][1] for v in means.values()) == [1.0, 2.0, 3.0]  # two "cat"s did not collide
-    assert "ce/train/cat/mean" in means and mlflow_key("ce", "train", "dog/wolf", "mean") in means
+    assert mlflow_key("ce", "train", "cat (0)", "mean") in means and mlflow_key("ce", "train", "cat (1)", "mean") in means
+    assert mlflow_key("ce", "train", "dog/wolf", "mean") in means
 
 
 def test_images_logged_at_steps(mlflow_server):

@@ -430,7 +430,7 @@ def test_unusable_logdir_fails_at_construction(tmp_path):
 
 def test_bad_step_or_table_is_a_clear_error(tmp_path):
     with TensorBoardSink(tmp_path / "logs") as sink:
-        with pytest.raises(TypeError, match="step: expected an int, got float 1.5"):
+        with pytest.raises(TypeError, match="step: expected a non-negative int, got float 1.5"):
             sink.log_stats(table_of(0, [0]), step=1.5, name="x", mode="train")
         with pytest.raises(TypeError, match="expected a StatsTable, got dict"):
             sink.log_stats({}, step=1, name="x", mode="train")

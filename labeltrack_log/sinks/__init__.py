@@ -15,25 +15,39 @@ import inspect
 import json
 import logging
 import os
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputTypeError
 from ..grouping import StatsTable
 from ..naming import label_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["Sink", "BudgetView", "apply_budget", "make_sinks", "register_sink", "available_sinks", "DEFAULT_LABEL_BUDGET"]
+__all__ = [
+    "Sink",
+    "BudgetView",
+    "AGGREGATES",
+    "apply_budget",
+    "check_table",
+    "ensure_writable_dir",
+    "make_sinks",
+    "register_sink",
+    "available_sinks",
+    "DEFAULT_LABEL_BUDGET",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LABEL_BUDGET = 100
 ENV_VAR = "LABELTRACK_SINKS"
+_NO_TABLE = object()  # Sink._check_call of a log_figure
 
 
 class Sink:
@@ -42,10 +56,21 @@ class Sink:
     ``flush`` and ``close`` default to no-ops; ``close`` is idempotent (subclasses override
     :meth:`_close`, which runs at most once). A sink is a context manager.
 
+    The contract every built-in sink keeps, and that a custom sink gets by starting its
+    ``log_stats``/``log_figure`` with :meth:`_check_call`:
+
+    * a call after :meth:`close` raises ``ValueError`` ("expected an open sink, got a closed one");
+    * ``table`` must be a :class:`~labeltrack_log.StatsTable` (else ``InputTypeError``); one with
+      no labels is fine;
+    * ``step`` must be an int (a numpy integer too; not a bool, float or str), else
+      ``InputTypeError``, and not negative;
+    * where series are named after labels, :meth:`label_texts` gives their texts (distinct, and
+      stable over steps).
+
     Args:
         label_budget: At most this many labels get their own series; beyond it only the labels
             in the budget (``label_names`` order, else natural order) get per-label series, while
-            aggregates across all labels are always written.
+            aggregates across all labels are always written (see :meth:`budget`).
         label_names: Optional mapping label value -> display name used in tags, keys and files.
 
     Example:
@@ -62,6 +87,7 @@ class Sink:
             raise ConfigError(f"label_budget: expected a positive int, got {label_budget!r}")
         self.label_budget = label_budget
         self.label_names: dict[Any, str] = dict(label_names or {})
+        self._texts: dict[Hashable, _Texts] = {}  # scope -> label texts handed out so far
         self._closed = False
 
     # --------------------------------------------------------------- contract
@@ -70,7 +96,9 @@ class Sink:
         raise NotImplementedError
 
     def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
-        """Write a rendered figure (a matplotlib Figure; the caller keeps ownership). Default: ignore."""
+        """Write a rendered figure (a matplotlib Figure; the caller keeps ownership). Default: check
+        the call (see :meth:`_check_call`), then ignore the figure."""
+        self._check_call(step)
 
     def flush(self) -> None:
         """Make everything logged so far durable/visible. Default: nothing to do."""
@@ -90,13 +118,68 @@ class Sink:
         """Whether :meth:`close` has been called."""
         return self._closed
 
+    # ------------------------------------------------------------- checks
+    def _check_call(self, step: Any, table: Any = _NO_TABLE) -> int:
+        """The checks every ``log_stats`` (with its ``table``) and ``log_figure`` (without) makes
+        first: the sink is open, ``table`` is a StatsTable, ``step`` passes :meth:`check_step`.
+
+        Returns:
+            ``step`` as a Python int.
+
+        Raises:
+            ValueError: the sink is closed.
+            InputTypeError (a TypeError): ``table`` is not a StatsTable or ``step`` is not an int.
+        """
+        if self._closed:
+            raise ValueError(f"{type(self).__name__}: expected an open sink, got a closed one (create a new sink)")
+        if table is not _NO_TABLE:
+            check_table(table)
+        return self.check_step(step)
+
+    def check_step(self, step: Any) -> int:
+        """``step`` as an int; InputTypeError for a negative step, a bool, float, str, ..."""
+        ok = isinstance(step, (int, np.integer)) and not isinstance(step, bool)
+        if not ok or step < 0:
+            raise InputTypeError(f"step: expected a non-negative int, got {type(step).__name__} {step!r}")
+        return int(step)
+
+    # ------------------------------------------------------------- labels
     def set_label_names(self, names: Mapping[Any, str] | None) -> None:
-        """Set the label value -> display name mapping (the FE trace passes its label_mapping)."""
+        """Set the label value -> display name mapping (the FE trace passes its label_mapping).
+        Label texts are handed out afresh from the next call on."""
         self.label_names = dict(names or {})
+        self._texts.clear()
 
     def label_text(self, label: Any) -> str:
-        """Display text of ``label``."""
+        """Display text of ``label`` (its name in :attr:`label_names`, else the label as text)."""
         return label_text(label, self.label_names)
+
+    def label_texts(self, labels: Sequence[Any], scope: Hashable = None) -> list[str]:
+        """The texts that name the series of ``labels``: distinct, and stable within ``scope``.
+
+        A label's text is its :meth:`label_text`, with ``" (<label>)"`` appended where another
+        label of ``scope`` (e.g. the tracked name) shares that display name, so their series never
+        mix. A label keeps the text it got first, so its series keeps one name over steps: a label
+        that later shares an earlier label's display name is the one suffixed. Labels that first
+        appear together and share a name are all suffixed.
+
+        Example:
+            >>> s = Sink(label_names={0: "cat", 1: "cat"})
+            >>> s.label_texts([0, 1, 2], "loss"), s.label_texts([2, 1], "loss")
+            (['cat (0)', 'cat (1)', '2'], ['2', 'cat (1)'])
+        """
+        state = self._texts.get(scope)
+        if state is None:
+            state = self._texts[scope] = _Texts()
+        out = [state.texts.get(lab) for lab in labels]
+        if None in out:
+            state.assign([lab for lab, t in zip(labels, out) if t is None], self.label_text)
+            out = [state.texts[lab] for lab in labels]
+        return out  # type: ignore[return-value]
+
+    def budget(self, table: StatsTable) -> "BudgetView":
+        """:func:`apply_budget` with this sink's budget; the labels of :attr:`label_names` come first."""
+        return apply_budget(table, self.label_budget, list(self.label_names) or None)
 
     def __enter__(self) -> "Sink":
         return self
@@ -106,6 +189,57 @@ class Sink:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class _Texts:
+    """The label texts of one scope: label -> text, the display names and the texts in use."""
+
+    def __init__(self) -> None:
+        self.texts: dict[Any, str] = {}
+        self.names: set[str] = set()
+        self.taken: set[str] = set()
+
+    def assign(self, labels: list[Any], shown: Callable[[Any], str]) -> None:
+        """Give ``labels`` (new to this scope) their texts; ``shown`` is the display name of a label."""
+        names = [shown(lab) for lab in labels]
+        together = Counter(names)
+        for lab, name in zip(labels, names):
+            text = name
+            if name in self.names or name in self.taken or together[name] > 1:
+                text = f"{name} ({label_text(lab)})"
+            base, n = text, 1
+            while text in self.taken:  # e.g. a label whose display name is literally "cat (1)"
+                n += 1
+                text = f"{base} #{n}"
+            self.texts[lab] = text
+            self.names.add(name)
+            self.taken.add(text)
+
+
+def check_table(table: Any) -> StatsTable:
+    """``table`` if it is a StatsTable, else InputTypeError."""
+    if not isinstance(table, StatsTable):
+        raise InputTypeError(f"table: expected a StatsTable, got {type(table).__name__} (GroupedStats.compute() returns one)")
+    return table
+
+
+def ensure_writable_dir(path: Path, what: str) -> None:
+    """Create directory ``path`` now and prove a file can be created in it, so a bad destination
+    fails when the sink is built, not at the first epoch end. Otherwise raise ConfigError naming ``what``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = f"cannot create directory: {err.strerror or err}"
+    else:
+        try:
+            probe = path / f".labeltrack-probe-{os.getpid()}-{uuid.uuid4().hex}"
+            with open(probe, "xb"):
+                pass
+            probe.unlink()
+            return
+        except OSError as err:
+            reason = f"cannot create a file in it: {err.strerror or err}"
+    raise ConfigError(f"{what}: expected a directory that can be created and written, got {str(path)!r} ({reason})")
 
 
 # ------------------------------------------------------------------ label budget
@@ -128,8 +262,13 @@ class BudgetView:
     worst_label: Any
 
 
+#: Every aggregate :func:`aggregates` can return (the last two always, the others when a label has data).
+AGGREGATES = ("macro_mean", "worst_mean", "best_mean", "spread", "num_labels", "nonfinite")
+
+
 def aggregates(table: StatsTable) -> tuple[dict[str, float], Any]:
-    """Aggregate statistics across the labels of ``table`` and the label with the largest mean."""
+    """Aggregate statistics across the labels of ``table`` (see :data:`AGGREGATES`) and the label
+    with the largest mean."""
     seen = (table.count > 0) & np.isfinite(table.mean)  # a mean overflows to inf only for values near 1e308
     means = table.mean[seen]
     agg = {"num_labels": float(len(table)), "nonfinite": float(table.nonfinite.sum())}

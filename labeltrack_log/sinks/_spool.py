@@ -33,7 +33,7 @@ import threading
 import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
@@ -44,11 +44,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Spool", "deliver", "replay_spool", "check_uri", "is_transient", "http_limits"]
+__all__ = ["Spool", "deliver", "replay_spool", "check_uri", "is_transient", "http_limits", "get_existing"]
 
 RUN_TAG = "labeltrack.sink_run"
 REPLAY_TIMEOUT = 30.0
 _ENV_LOCK = threading.Lock()
+T = TypeVar("T")
 
 
 class Spool:
@@ -200,17 +201,23 @@ def http_limits(uri: str, seconds: float) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- delivering batches
+def get_existing(get: Callable[[], T], expected: str) -> T:
+    """Return ``get()``, an MLflow lookup by id; when MLflow answers that the id does not exist
+    (HTTP 400/404) raise ``ConfigError("<expected> (<MLflow's reason>)")`` instead."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return get()
+    except MlflowException as err:
+        if err.get_http_status_code() in (400, 404):
+            raise ConfigError(f"{expected} ({short_error(err)})") from None
+        raise
+
+
 def experiment_id_for(client: "MlflowClient", name: str | None, experiment_id: str | None) -> str:
     if experiment_id is not None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            exp = client.get_experiment(experiment_id)
-        except MlflowException as err:
-            if err.get_http_status_code() in (400, 404):
-                raise ConfigError(f"experiment_id: expected the id of an existing experiment, got {experiment_id!r} "
-                                  f"({short_error(err)})") from None
-            raise
+        exp = get_existing(lambda: client.get_experiment(experiment_id),
+                           f"experiment_id: expected the id of an existing experiment, got {experiment_id!r}")
     else:
         name = name or "Default"
         exp = client.get_experiment_by_name(name)

@@ -6,6 +6,12 @@ The tidy row schema (one row per step x mode x label, append-only, loadable with
 
     wall_time, name, mode, step, label, label_name, count, mean, std, min, max, nonfinite
 
+``label`` is the label value (text in CSV), ``label_name`` its display name as given by the label
+names, even where two labels share one (the ``label`` column tells them apart; the series names
+of the other sinks add `` (<label>)`` instead, see :meth:`~labeltrack_log.sinks.Sink.label_texts`).
+:func:`tidy_rows` builds these rows and :func:`csv_text` formats them, for these sinks and for the
+table artifact of the MLflow sink.
+
 File sinks ignore the label budget: a file holds every label (that is where the full table goes).
 """
 
@@ -23,27 +29,47 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import ConfigError
 from ..grouping import StatsTable
-from ..naming import file_stem
-from . import DEFAULT_LABEL_BUDGET, Sink
+from ..history import FILE_COLUMNS
+from ..naming import figure_file, label_text
+from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["CSVSink", "JSONLSink", "ImageDirSink", "FIELDS"]
+__all__ = ["CSVSink", "JSONLSink", "ImageDirSink", "FIELDS", "tidy_rows", "csv_text"]
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("wall_time", "name", "mode", "step", "label", "label_name", "count", "mean", "std", "min", "max", "nonfinite")
+FIELDS = FILE_COLUMNS  # the tidy-row schema, defined once in history.py (which reads these files)
 
 
-def _writable_parent(path: Path, what: str) -> None:
-    """Create ``path``'s directory now, so a bad destination fails before training starts."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"{what}: cannot create directory {str(path)!r}: {err.strerror or err}") from None
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"{what}: directory {str(path)!r} is not writable")
+def tidy_rows(table: StatsTable, *, step: int, name: str, mode: str,
+              label_names: Mapping[Any, str] | None = None) -> list[tuple]:
+    """The rows of ``table`` in the :data:`FIELDS` order, one per label, stamped with the time now.
+
+    Example:
+        >>> t = StatsTable([3], [2], [0.5], [0.1], [0.4], [0.6], [0])
+        >>> tidy_rows(t, step=1, name="ce", mode="eval", label_names={3: "cat"})[0][1:]
+        ('ce', 'eval', 1, 3, 'cat', 2, 0.5, 0.1, 0.4, 0.6, 0)
+    """
+    now = time.time()
+    cols = table.to_dict()
+    return [
+        (now, name, mode, step, lab, label_text(lab, label_names), *vals)
+        for lab, *vals in zip(cols["labels"], cols["count"], cols["mean"], cols["std"], cols["min"], cols["max"], cols["nonfinite"])
+    ]
+
+
+def csv_text(rows: list[tuple], header: bool = False) -> str:
+    """Rows of :func:`tidy_rows` as CSV text (after a :data:`FIELDS` header line if ``header``).
+    Floats are written with ``repr``: they round-trip exactly, NaN/inf as ``nan``, ``inf``, ``-inf``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    if header:
+        writer.writerow(FIELDS)
+    for row in rows:
+        writer.writerow([repr(v) if isinstance(v, float) else v for v in row])
+    return buf.getvalue()
 
 
 class _RowSink(Sink):
@@ -58,7 +84,7 @@ class _RowSink(Sink):
         self.path = Path(path if path is not None else self._default)
         if self.path.is_dir():
             raise ConfigError(f"{self._what}: expected a file path, got the directory {str(self.path)!r}")
-        _writable_parent(self.path.parent, self._what)
+        ensure_writable_dir(self.path.parent, self._what)
         self._file: io.TextIOWrapper | None = None
         self._open()  # fail now, not at the first epoch end
 
@@ -76,20 +102,11 @@ class _RowSink(Sink):
     def _write_header(self, f: io.TextIOWrapper) -> None:
         """Called once when the file is new."""
 
-    def _rows(self, table: StatsTable, step: int, name: str, mode: str) -> list[tuple]:
-        now = time.time()
-        cols = table.to_dict()
-        return [
-            (now, name, mode, int(step), lab, self.label_text(lab), *vals)
-            for lab, *vals in zip(cols["labels"], cols["count"], cols["mean"], cols["std"], cols["min"], cols["max"], cols["nonfinite"])
-        ]
-
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
         """Append one row per label and flush to disk."""
-        if self._closed:
-            raise ValueError(f"{type(self).__name__} is closed")
+        step = self._check_call(step, table)
         f = self._open()
-        f.write(self._format(self._rows(table, step, name, mode)))
+        f.write(self._format(tidy_rows(table, step=step, name=name, mode=mode, label_names=self.label_names)))
         self.flush()
 
     def _format(self, rows: list[tuple]) -> str:
@@ -130,20 +147,10 @@ class CSVSink(_RowSink):
     _default = "labeltrack.csv"
 
     def _write_header(self, f: io.TextIOWrapper) -> None:
-        csv.writer(f).writerow(FIELDS)
+        f.write(csv_text([], header=True))
 
     def _format(self, rows: list[tuple]) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        for row in rows:
-            writer.writerow([_csv_value(v) for v in row])
-        return buf.getvalue()
-
-
-def _csv_value(v: Any) -> Any:
-    if isinstance(v, float):
-        return repr(v)  # round-trips exactly; nan/inf as 'nan', 'inf', '-inf'
-    return v
+        return csv_text(rows)
 
 
 class JSONLSink(_RowSink):
@@ -159,8 +166,8 @@ class JSONLSink(_RowSink):
             for key in ("mean", "std", "min", "max"):
                 if not math.isfinite(obj[key]):
                     obj[key] = None
-            out.append(json.dumps(obj, ensure_ascii=False, allow_nan=False))
-        return "\n".join(out) + "\n"
+            out.append(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+        return "".join(out)  # nothing at all for a table without labels (not a blank line)
 
 
 class ImageDirSink(Sink):
@@ -175,17 +182,18 @@ class ImageDirSink(Sink):
         super().__init__(label_budget=label_budget, label_names=label_names)
         self.directory = Path(directory)
         self.dpi = dpi
-        _writable_parent(self.directory, "ImageDirSink")
+        ensure_writable_dir(self.directory, "ImageDirSink directory")
         self.written: list[Path] = []
 
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
-        """Tables are not written by this sink (use CSVSink/JSONLSink next to it)."""
+        """Tables are not written by this sink (use CSVSink/JSONLSink next to it); the call is checked."""
+        self._check_call(step, table)
 
     def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
         """Save ``figure`` as ``<name>_<mode>_step_<step>.png`` (atomically: temp file + rename)."""
         from ..figures import figure_to_png
 
-        path = self.directory / f"{file_stem(name, mode)}_step_{int(step)}.png"
+        path = self.directory / figure_file(name, mode, self._check_call(step))
         tmp = path.with_suffix(".png.tmp")
         tmp.write_bytes(figure_to_png(figure, dpi=self.dpi))
         os.replace(tmp, path)

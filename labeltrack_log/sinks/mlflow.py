@@ -26,8 +26,6 @@ Values: NaN is logged as NaN (MLflow stores it; the UI leaves a gap). +/-inf is 
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -39,12 +37,13 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from ..errors import ConfigError, InputTypeError
+from ..errors import ConfigError
 from ..grouping import StatsTable
-from ..naming import STATS, SUMMARY, file_stem, image_key, label_text, mlflow_key
-from . import DEFAULT_LABEL_BUDGET, Sink, apply_budget
-from ._spool import (Spool, check_uri, deliver, find_or_create_run, http_limits, import_mlflow, is_http,
+from ..naming import STATS, SUMMARY, image_key, mlflow_key, table_file
+from . import DEFAULT_LABEL_BUDGET, Sink
+from ._spool import (Spool, check_uri, deliver, find_or_create_run, get_existing, http_limits, import_mlflow, is_http,
                      is_transient, png_b64, replay_spool, short_error)
+from .files import csv_text, tidy_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -74,12 +73,6 @@ def _same_uri(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise InputTypeError(f"step: expected a non-negative int, got {type(step).__name__} {step!r}")
-    return int(step)
-
-
 def _positive(value: Any, what: str, allow_zero: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
@@ -99,7 +92,8 @@ class MLflowSink(Sink):
     ``tables/<name>_<mode>_step<step>.csv``. Figures go to ``log_image`` with key
     ``<name>/<mode>/figure`` (the Image grid shows them with a step slider).
 
-    When two labels share a display name, the later one is keyed as ``<display name> (<label>)``.
+    When two labels share a display name, the later one is keyed as ``<display name> (<label>)``
+    (see :meth:`Sink.label_texts`). Steps must be non-negative ints.
 
     The run: an explicit ``run_id`` is used as is; otherwise the active fluent run
     (``mlflow.active_run()``) is joined, unless ``tracking_uri`` names another server than the one it
@@ -133,6 +127,7 @@ class MLflowSink(Sink):
         >>> with MLflowSink(experiment="demo") as sink:  # doctest: +SKIP
         ...     sink.log_stats(g.compute(), step=1, name="loss_by_y", mode="train")
     """
+
 
     def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None,
                  run_name: str | None = None, *, experiment_id: str | None = None,
@@ -172,8 +167,7 @@ class MLflowSink(Sink):
         self.end_status = "FINISHED"
         self._seq = 0
         self._last_ms = 0
-        self._keys: dict[tuple[str, str], dict[Any, tuple[str, ...]]] = {}
-        self._used: dict[tuple[str, str], set[str]] = {}
+        self._keys: dict[tuple[str, str, str], tuple[str, ...]] = {}  # (name, mode, label text) -> keys (a cache)
         if run_id is not None:
             if active is None:
                 self._construct(lambda: self._verify_run(run_id), f"checking run_id {run_id!r}")
@@ -222,15 +216,8 @@ class MLflowSink(Sink):
             raise ConfigError(f"MLflowSink at {self.tracking_uri}: {what} failed: {short_error(err)}") from None
 
     def _verify_run(self, run_id: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException as err:
-            if err.get_http_status_code() in (400, 404):
-                raise ConfigError(f"run_id: expected the id of an existing run at {self.tracking_uri}, "
-                                  f"got {run_id!r} ({short_error(err)})") from None
-            raise
+        run = get_existing(lambda: self.client.get_run(run_id),
+                           f"run_id: expected the id of an existing run at {self.tracking_uri}, got {run_id!r}")
         if run.info.lifecycle_stage == "deleted":
             raise ConfigError(f"run_id: expected an active run, got {run_id!r}, which is deleted at {self.tracking_uri}: "
                               "restore it or log to another run")
@@ -249,22 +236,16 @@ class MLflowSink(Sink):
         return op
 
     def _label_keys(self, name: str, mode: str, labels: list[Any]) -> list[tuple[str, ...]]:
-        cache = self._keys.setdefault((name, mode), {})
-        used = self._used.setdefault((name, mode), set())
         out = []
-        for lab in labels:
-            keys = cache.get(lab)
+        for text in self.label_texts(labels, name):
+            keys = self._keys.get((name, mode, text))
             if keys is None:
-                text = self.label_text(lab)
-                if mlflow_key(name, mode, text, "mean") in used:  # two labels share a display name
-                    text = f"{text} ({label_text(lab)})"
-                keys = cache[lab] = tuple(mlflow_key(name, mode, text, s) for s in _STAT_KEYS)
-                used.add(keys[0])
+                keys = self._keys[(name, mode, text)] = tuple(mlflow_key(name, mode, text, s) for s in _STAT_KEYS)
             out.append(keys)
         return out
 
     def _stats_ops(self, table: StatsTable, step: int, name: str, mode: str) -> list[dict[str, Any]]:
-        view = apply_budget(table, self.label_budget, list(self.label_names) or None)
+        view = self.budget(table)
         ts = self._now_ms()
         rows: list[list[Any]] = []
         t = view.table
@@ -281,19 +262,10 @@ class MLflowSink(Sink):
         ops = [self._op("metrics", step=step, metrics=rows[i:i + MAX_METRICS_PER_REQUEST])
                for i in range(0, len(rows), MAX_METRICS_PER_REQUEST)]
         if view.over_budget:
-            path = f"tables/{file_stem(name, mode, f'step{step}')}.csv"
-            ops.append(self._op("text", step=step, path=path, text=self._csv(table, step, name, mode)))
+            tidy = tidy_rows(table, step=step, name=name, mode=mode, label_names=self.label_names)  # every label
+            ops.append(self._op("text", step=step, path=f"tables/{table_file(name, mode, step)}",
+                                text=csv_text(tidy, header=True)))
         return ops
-
-    def _csv(self, table: StatsTable, step: int, name: str, mode: str) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(("wall_time", "name", "mode", "step", "label", "label_name", "count", "mean", "std", "min",
-                         "max", "nonfinite"))
-        now, d = time.time(), table.to_dict()
-        for lab, *vals in zip(d["labels"], d["count"], d["mean"], d["std"], d["min"], d["max"], d["nonfinite"]):
-            writer.writerow((now, name, mode, step, label_text(lab), self.label_text(lab), *map(repr, vals)))
-        return buf.getvalue()
 
     # ------------------------------------------------------------------ delivery
     def _attempt(self, op: dict[str, Any], deadline: float, check: bool) -> bool:
@@ -385,11 +357,7 @@ class MLflowSink(Sink):
     # ------------------------------------------------------------------ contract
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
         """Log the statistics of ``name`` in ``mode`` at ``step``; never raises on server trouble."""
-        if self._closed:
-            raise ValueError("MLflowSink is closed")
-        if not isinstance(table, StatsTable):
-            raise InputTypeError(f"table: expected a StatsTable (GroupedStats.compute()), got {type(table).__name__}")
-        step = _check_step(step)
+        step = self._check_call(step, table)
         with self._lock:
             ops = self._stats_ops(table, step, name, mode)
         self._submit(ops)
@@ -398,9 +366,7 @@ class MLflowSink(Sink):
         """Log ``figure`` with ``client.log_image`` (key ``<name>/<mode>/figure``) at ``step``."""
         from ..figures import figure_to_rgb
 
-        if self._closed:
-            raise ValueError("MLflowSink is closed")
-        step = _check_step(step)
+        step = self._check_call(step)
         rgb = figure_to_rgb(figure)
         with self._lock:
             op = self._op("image", key=image_key(name, mode, "figure"), step=step, timestamp=self._now_ms(), _rgb=rgb)
@@ -428,12 +394,6 @@ class MLflowSink(Sink):
         if exc_type is not None:
             self.end_status = "FAILED"
         self.close()
-
-    def set_label_names(self, names: Mapping[Any, str] | None) -> None:
-        """Set the label value -> display name mapping; keys use it from the next ``log_stats`` on."""
-        super().set_label_names(names)
-        self._keys.clear()
-        self._used.clear()
 
     # ------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:

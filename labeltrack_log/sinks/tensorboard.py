@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
 import numpy as np
 
 from .. import naming
-from ..errors import ConfigError, InputTypeError, missing_extra
+from ..errors import ConfigError, missing_extra
 from ..grouping import StatsTable
-from . import DEFAULT_LABEL_BUDGET, BudgetView, Sink, apply_budget
+from . import AGGREGATES, DEFAULT_LABEL_BUDGET, BudgetView, Sink, ensure_writable_dir
 
 try:
     from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
@@ -57,7 +57,7 @@ __all__ = ["TensorBoardSink", "masked_crc32c"]
 logger = logging.getLogger(__name__)
 
 LABEL_STATS = ("mean", "std", "min", "max", "count", "mean-std", "mean+std")
-SUMMARY_STATS = ("macro_mean", "worst_mean", "best_mean", "spread", "num_labels", "nonfinite")
+SUMMARY_STATS = AGGREGATES  # every one at every step: a margin chart needs its three series at the same steps
 LAYOUT_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
 
 # ---------------------------------------------------------------------------- fast CRC32C
@@ -152,21 +152,6 @@ def _md(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", " ")
 
 
-def _check_logdir(path: Path) -> None:
-    """Create ``path`` if needed and prove a file can be created in it, else raise ConfigError."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".labeltrack-probe-{os.getpid()}-{uuid.uuid4().hex}"
-        with open(probe, "xb"):
-            pass
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"TensorBoardSink logdir: expected a directory that can be created and written, got {str(path)!r} "
-            f"({type(err).__name__}: {err.strerror or err})"
-        ) from None
-
-
 class TensorBoardSink(Sink):
     """Write per-label statistics, bands and figures as TensorBoard event files (no TensorFlow).
 
@@ -181,6 +166,9 @@ class TensorBoardSink(Sink):
             share one logdir without mixing (``<logdir>/<run_name>/<mode>``).
         fsync: Also ``os.fsync`` after each call (survives an OS crash, not only a process
             crash; costs about one disk sync per call).
+
+    Labels that share a display name get series named ``<display name> (<label>)`` (see
+    :meth:`Sink.label_texts`; a label keeps its series name over steps and modes).
 
     Not thread-safe: use one sink per thread. Pickles (open files are dropped; the copy writes
     a new event file in the same run directories); a forked child also starts its own files.
@@ -215,11 +203,11 @@ class TensorBoardSink(Sink):
         self.logdir = Path(logdir).absolute()
         self.run_name = run_name
         self.fsync = bool(fsync)
-        _check_logdir(self.logdir)
+        ensure_writable_dir(self.logdir, "TensorBoardSink logdir")
         self._files: dict[str, tuple[BinaryIO, _FastRecordWriter]] = {}  # run dir -> open event file
         self._charts: dict[str, dict[str, tuple[str, ...]]] = {}  # run dir -> name -> labels charted
         self._layout_written: dict[str, Any] = {}  # run dir -> charts written into the open file
-        self._tags: dict[tuple, tuple[str, ...]] = {}  # (name, label text, stats) -> tags
+        self._tags: dict[tuple, tuple[str, ...]] = {}  # (name, label text, stats) -> tags (a cache)
         self._pid = os.getpid()  # the process that owns self._files
 
     # ----------------------------------------------------------------- pickling
@@ -229,10 +217,6 @@ class TensorBoardSink(Sink):
         state["_layout_written"] = {}
         return state
 
-    def set_label_names(self, names: Mapping[Any, str] | None) -> None:  # noqa: D102 - see Sink
-        super().set_label_names(names)
-        self._tags.clear()
-
     # ------------------------------------------------------------------ files
     def run_dir(self, mode: str) -> Path:
         """The run directory of ``mode`` (it may not exist yet)."""
@@ -240,8 +224,6 @@ class TensorBoardSink(Sink):
         return base / naming.component(mode, "file")
 
     def _writer(self, mode: str) -> _FastRecordWriter:
-        if self._closed:
-            raise ValueError("TensorBoardSink: expected an open sink, got one that was closed (create a new sink)")
         if self._pid != os.getpid():  # a forked child: never append to the parent's files
             self._files, self._layout_written, self._pid = {}, {}, os.getpid()
         run = str(self.run_dir(mode))
@@ -307,13 +289,10 @@ class TensorBoardSink(Sink):
 
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
         """Write every value of ``table`` at ``step`` as one Event in the run of ``mode``."""
-        if not isinstance(table, StatsTable):
-            raise InputTypeError(f"log_stats: expected a StatsTable, got {type(table).__name__}")
-        step = _check_step(step)
-        view = apply_budget(table, self.label_budget, list(self.label_names) or None)
+        step = self._check_call(step, table)
+        view = self.budget(table)
         rows = view.table
-        labels = rows.labels.tolist()
-        texts = _distinct([self.label_text(lab) for lab in labels], labels)
+        texts = self.label_texts(rows.labels.tolist(), name)
         event = event_pb2.Event(step=step, wall_time=time.time())
         add = event.summary.value.add
         columns = (rows.mean, rows.std, rows.min, rows.max, rows.count, rows.mean - rows.std, rows.mean + rows.std)
@@ -385,7 +364,7 @@ class TensorBoardSink(Sink):
         """Write ``figure`` as a PNG to the Images tab (tag ``<name>/figure``) at ``step``."""
         from ..figures import figure_to_png
 
-        step = _check_step(step)
+        step = self._check_call(step)
         png = figure_to_png(figure)
         width, height, channels = _png_size(png)
         image = summary_pb2.Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
@@ -395,22 +374,6 @@ class TensorBoardSink(Sink):
 
     def __repr__(self) -> str:
         return f"TensorBoardSink(logdir={str(self.logdir)!r}, label_budget={self.label_budget}, run_name={self.run_name!r})"
-
-
-def _distinct(texts: list[str], labels: list[Any]) -> list[str]:
-    """Display texts, with ``(label)`` appended where two labels share one (their series must not mix)."""
-    if len(set(texts)) == len(texts):
-        return texts
-    seen: dict[str, int] = {}
-    for text in texts:
-        seen[text] = seen.get(text, 0) + 1
-    return [f"{text} ({lab})" if seen[text] > 1 else text for text, lab in zip(texts, labels)]
-
-
-def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise InputTypeError(f"step: expected an int, got {type(step).__name__} {step!r}")
-    return int(step)
 
 
 def _plugin_metadata(plugin: str, content: bytes) -> "summary_pb2.SummaryMetadata":
