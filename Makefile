@@ -47,6 +47,16 @@ test-core: $(CORE_STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_grouping.py
+	$(PY) benchmarks/bench_tensorboard.py
+	$(PY) benchmarks/bench_mlflow.py
+	$(PY) benchmarks/bench_figures.py
+	$(PY) benchmarks/bench_fe_trace.py
+
+# README pictures: band figures, and screenshots of TensorBoard / MLflow on the demo's output
+# (needs Debian's chromium: apt-get install chromium).
+screenshots: demo
+	$(PY) examples/make_readme_images.py
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) $(CORE_VENV) build *.egg-info
