@@ -1,7 +1,8 @@
 """labeltrack-log without FastEstimator: per-class loss in a plain PyTorch loop.
 
-Per batch, feed the per-sample loss (``reduction="none"``) and the labels to a ``GroupedStats``;
-per epoch, hand its table to the sinks and to a ``StatsHistory``; at the end, draw a band figure.
+A ``Tracker`` does the bookkeeping: per batch, feed it the labels and the per-sample loss
+(``reduction="none"``) of a mode; per epoch, ``end_epoch(step)`` sends each mode's table to the
+sinks; when the ``with`` block ends, the band figures go to the sinks and the sinks are closed.
 
     .venv/bin/python examples/plain_torch_loop.py --output-dir /tmp/plain --epochs 5
     .venv/bin/tensorboard --logdir /tmp/plain/runs
@@ -20,10 +21,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from labeltrack_log import GroupedStats, StatsHistory  # noqa: E402
+from labeltrack_log import StatsHistory, Tracker  # noqa: E402
 from labeltrack_log.figures import band_figure  # noqa: E402
-from labeltrack_log.naming import figure_name  # noqa: E402
-from labeltrack_log.sinks import make_sinks  # noqa: E402
 
 NAMES = {i: f"digit {i}" for i in range(10)}  # label value -> display name
 
@@ -53,44 +52,29 @@ def train(output_dir: Path, epochs: int = 5, sinks: Sequence[str] = ("tensorboar
 
     # The sinks' defaults (./runs, sqlite:///mlflow.db, ./mlruns) land in the working directory.
     files = {"csv": {"type": "csv", "path": "stats.csv"}, "jsonl": {"type": "jsonl", "path": "stats.jsonl"}}
-    targets = make_sinks([files.get(name, name) for name in sinks])
-    for sink in targets:
-        sink.set_label_names(NAMES)
-    history = StatsHistory()
-    stats = {"train": GroupedStats(), "eval": GroupedStats()}
-    step = 0
-    for _ in range(epochs):
-        model.train()
-        for i in range(0, len(y_train), batch_size):
-            x, y = x_train[i:i + batch_size], y_train[i:i + batch_size]
-            loss = per_sample(model(x), y)
-            optimizer.zero_grad()
-            loss.mean().backward()
-            optimizer.step()
-            step += 1
-            stats["train"].update(y, loss.detach())  # torch tensors go in as they are
-        model.eval()
-        with torch.no_grad():
-            for i in range(0, len(y_eval), batch_size):
-                x, y = x_eval[i:i + batch_size], y_eval[i:i + batch_size]
-                stats["eval"].update(y, per_sample(model(x), y))
-        for mode, accumulator in stats.items():
-            table = accumulator.compute()
-            accumulator.reset()
-            history.append(table, step=step, name="ce_by_digit", mode=mode)
-            for sink in targets:
-                sink.log_stats(table, step=step, name="ce_by_digit", mode=mode)
-        for sink in targets:
-            sink.flush()
+    with Tracker("ce_by_digit", sinks=[files.get(name, name) for name in sinks], label_names=NAMES) as tracker:
+        step = 0
+        for _ in range(epochs):
+            model.train()
+            for i in range(0, len(y_train), batch_size):
+                x, y = x_train[i:i + batch_size], y_train[i:i + batch_size]
+                loss = per_sample(model(x), y)
+                optimizer.zero_grad()
+                loss.mean().backward()
+                optimizer.step()
+                step += 1
+                tracker.update(y, loss.detach(), mode="train")  # torch tensors go in as they are
+            model.eval()
+            with torch.no_grad():
+                for i in range(0, len(y_eval), batch_size):
+                    x, y = x_eval[i:i + batch_size], y_eval[i:i + batch_size]
+                    tracker.update(y, per_sample(model(x), y), mode="eval")
+            tracker.end_epoch(step)  # both modes: history, sinks, flush
 
-    for mode in ("train", "eval"):
-        figure = band_figure(history, name="ce_by_digit", mode=mode, bound="std", label_names=NAMES)
-        figure.savefig(output_dir / f"ce_by_digit_{mode}.png")
-        for sink in targets:
-            sink.log_figure(figure, step=step, name=figure_name("ce_by_digit", "std"), mode=mode)
-    for sink in targets:
-        sink.close()
-    return history
+    for mode in ("train", "eval"):  # the same figure the sinks got, also as a file
+        band_figure(tracker.history, name="ce_by_digit", mode=mode, label_names=NAMES).savefig(
+            output_dir / f"ce_by_digit_{mode}.png")
+    return tracker.history
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -1,5 +1,6 @@
 """labeltrack-log: track a training metric grouped by label (per-class loss) and write it to
-TensorBoard, MLflow and files, with band figures and a FastEstimator trace.
+TensorBoard, MLflow and files, with band figures: :class:`Tracker` in any training loop, or the
+FastEstimator trace ``labeltrack_log.fastestimator.LabelTracker``.
 
 ``import labeltrack_log`` needs only numpy (matplotlib is imported when a figure is drawn);
 sinks import their backend (tensorboard, mlflow) when they are created.
@@ -8,6 +9,7 @@ sinks import their backend (tensorboard, mlflow) when they are created.
 from .errors import ConfigError, InputShapeError, InputTypeError, LabelTrackError, MissingExtraError
 from .grouping import GroupedStats, LabelStats, StatsTable
 from .history import StatsHistory
+from .tracker import Tracker
 
 __version__ = "0.1.0"
 
@@ -16,6 +18,7 @@ __all__ = [
     "StatsTable",
     "LabelStats",
     "StatsHistory",
+    "Tracker",
     "LabelTrackError",
     "InputShapeError",
     "InputTypeError",

@@ -3,25 +3,25 @@
 :class:`LabelTracker` takes the same arguments as ``fastestimator.trace.xai.LabelTracker`` and
 writes the same output at the end of training (a list of FE ``Summary`` objects registered with
 ``system.add_graph``), so ``ImageSaver``, ``ImageViewer`` and ``Traceability`` keep working. In
-addition it feeds a :class:`~labeltrack_log.GroupedStats` per batch (no per-sample Python loop,
-no stored samples), sends the per-label table of every epoch to its sinks (TensorBoard, MLflow,
-files) at FE's ``system.global_step``, and renders band figures for them.
+addition it streams every epoch to sinks (TensorBoard, MLflow, files) at FE's
+``system.global_step``, with band figures. All of that is done by :class:`labeltrack_log.Tracker`;
+this module only adapts FE's hooks to it (label shapes, FE's label order and Summary output, the
+state FE saves and restores).
 
 Importing this module needs the ``fastestimator`` extra; ``import labeltrack_log`` does not.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
 from .errors import ConfigError, missing_extra
-from .grouping import GroupedStats, StatsTable, to_numpy
+from .grouping import StatsTable, to_numpy
 from .history import StatsHistory
-from .naming import figure_name
-from .sinks import Sink, make_sinks
+from .sinks import Sink
+from .tracker import Tracker
 
 try:
     from fastestimator.summary.summary import Summary, ValWithError
@@ -34,16 +34,9 @@ except ModuleNotFoundError as err:  # fastestimator itself, or the tensorflow/to
         raise
     raise missing_extra(err.name.split(".")[0], "fastestimator", "labeltrack_log.fastestimator.LabelTracker") from err
 
-if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.figure import Figure
-
 __all__ = ["LabelTracker"]
 
-logger = logging.getLogger(__name__)
-
-_BOUNDS = ("std", "range", None)  # FE's options, in the order FE writes their keys
-_FIGURE_BOUNDS = ("std", "range")  # band figures; the mean-only bound (None) gets no figure of its own
-_TRANSIENT = ("system", "_sinks", "_failed")  # never part of the saved/pickled state
+_BOUNDS = ("std", "range", None)  # FE's options, in the order FE writes their keys; None has no band figure
 
 
 class _FirstSeen:
@@ -98,7 +91,8 @@ class LabelTracker(Trace):
     ``outputs`` and ``Traceability`` reports keep working. Unlike FE's trace it keeps
     O(number of labels) memory (a streaming :class:`~labeltrack_log.GroupedStats` per mode), logs
     every epoch instead of only at the end, survives NaN metrics (counted, excluded), accepts
-    one-hot labels, and never stops training because a sink failed.
+    one-hot labels, and never stops training because a sink failed. The tracking, sinks and
+    figures are a :class:`labeltrack_log.Tracker`'s; this trace feeds it from FE's hooks.
 
     Args:
         label: Key of the labels by which to group. Shapes (N,), (N, 1), or one-hot/probabilities
@@ -126,6 +120,8 @@ class LabelTracker(Trace):
     Attributes:
         label_summaries: FE's output in the making: ``{label or display name: fe Summary}`` in FE's
             order (first appearance), the same attribute FE's trace has.
+        label_mapping: ``{LabelValue: DisplayName}`` (FE's attribute), or None.
+        bounds: the set of FE bounds.
         history: a :class:`~labeltrack_log.StatsHistory` of the reported tables (for figures).
         sinks: the sinks in use (a sink that raised is dropped; reopened after a restore).
 
@@ -157,22 +153,16 @@ class LabelTracker(Trace):
         bad = [b for b in bounds if b not in _BOUNDS]
         if bad:
             raise ConfigError(f"bounds: expected None, 'std', 'range' or a list of them, got {sorted(map(repr, bad))}")
-        if not (figures in (None, "end", "epoch") or (isinstance(figures, int) and not isinstance(figures, bool) and figures > 0)):
-            raise ConfigError(f"figures: expected 'end', 'epoch', a positive int (every N epochs) or None, got {figures!r}")
         self.bounds = bounds
-        self.figures = figures
         # Same attribute as FE's trace: {LabelValue: DisplayName}, or None.
         self.label_mapping = {val: key for key, val in label_mapping.items()} if label_mapping else None
         self.label_summaries: Dict[Any, Summary] = {}  # FE's output, in FE's order
-        self.history = StatsHistory(max_steps=max_steps)
-        self._stats: Dict[str, GroupedStats] = {}  # mode -> this epoch's accumulator
         self._first_seen = _FirstSeen()
-        self._logged: Dict[str, int] = {}  # mode -> last step sent to the sinks
-        self._drawn: Dict[str, int] = {}  # mode -> last step with figures
-        self._sink_config = sinks
-        self._sinks: Optional[List[Sink]] = make_sinks(sinks)  # built now: bad config fails before training
-        self._failed: List[Sink] = []
-        self._configure(self._sinks)
+        mapping = self.label_mapping
+        self._tracker = Tracker(self.outputs[0], sinks=sinks, figures=figures, max_steps=max_steps,
+                                bounds=[b for b in _BOUNDS if b in bounds and b is not None],
+                                label_names={val: str(key) for val, key in mapping.items()} if mapping else None,
+                                labels=mapping)  # FE reports only the mapped labels
 
     @property
     def label_key(self) -> str:
@@ -183,63 +173,58 @@ class LabelTracker(Trace):
         return self.inputs[1]
 
     @property
+    def history(self) -> StatsHistory:
+        """The :class:`~labeltrack_log.StatsHistory` of the reported tables."""
+        return self._tracker.history
+
+    @property
     def sinks(self) -> List[Sink]:
         """The sinks still in use (a sink that raised is dropped); reopened after a restore."""
-        if self._sinks is None:
-            self._sinks = self._reopen()
-        return self._sinks
+        return self._tracker.sinks
+
+    @property
+    def figures(self) -> Union[None, str, int]:
+        """The figure schedule (see the ``figures`` argument)."""
+        return self._tracker.figures
+
+    @figures.setter
+    def figures(self, figures: Union[None, str, int]) -> None:
+        self._tracker.figures = figures
+
+    @property
+    def _sinks(self) -> Optional[List[Sink]]:
+        return self._tracker._sinks  # None while closed (after on_end) or not yet reopened (after unpickling)
+
+    def _close_sinks(self) -> None:
+        """Close the sinks without final figures (what a process that stops here leaves behind)."""
+        self._tracker._close_sinks()
 
     # ------------------------------------------------------------------ FE hooks
     def on_begin(self, data: Data) -> None:
         if not self.system.global_step:  # a fresh fit(); a RestoreWizard's load_state comes after this
-            self.history = StatsHistory(max_steps=self.history.max_steps)
-            self._stats, self._logged, self._drawn = {}, {}, {}
-        self.sinks  # noqa: B018 - reopen sinks closed by an earlier on_end
+            self._tracker.reset()
+        self._tracker.sinks  # noqa: B018 - reopen sinks closed by an earlier on_end
 
     def on_batch_end(self, data: Data) -> None:
         labels = _class_ids(to_numpy(data[self.label_key], f"labels '{self.label_key}'"))
         values = _per_sample(to_numpy(data[self.metric_key], f"metric '{self.metric_key}'"))
-        stats = self._stats.get(self.system.mode)
-        if stats is None:
-            stats = self._stats[self.system.mode] = GroupedStats()
-        stats.update(labels, values)
+        self._tracker.update(labels, values, mode=self.system.mode)
         self._first_seen.update(labels)
 
     def on_epoch_end(self, data: Data) -> None:
-        stats = self._stats.pop(self.system.mode, None)
-        if stats is None:
-            return
-        table = self._shown(stats.compute())
         mode, step = self.system.mode, self.system.global_step
-        self._record_summaries(table, mode, step)
-        step = int(step or 0)
-        if step <= self._logged.get(mode, -1):  # e.g. the eval epoch FE re-runs after a restore
-            logger.info("%s: %s step %d was already logged; not sending it again", self.outputs[0], mode, step)
-            return
-        self._logged[mode] = step
-        self.history.append(table, step=step, name=self.outputs[0], mode=mode)
-        self._each("log_stats", table, step=step, name=self.outputs[0], mode=mode)
-        if self.figures == "epoch" or (isinstance(self.figures, int) and self.system.epoch_idx % self.figures == 0):
-            self._draw(mode)
-        self._each("flush")
+        epoch = self.system.epoch_idx
+        tables = self._tracker.end_epoch(int(step or 0), mode, epoch=epoch if isinstance(epoch, int) else None)
+        if mode in tables:
+            self._record_summaries(tables[mode], mode, step)
 
     def on_end(self, data: Data) -> None:
         summaries = list(self.label_summaries.values())
         self.system.add_graph(self.outputs[0], summaries)  # so Traceability can draw it
         data.write_without_log(self.outputs[0], summaries)  # for ImageSaver / ImageViewer
-        if self.figures is not None:
-            for mode in self.history.modes(self.outputs[0]) if self.history.names() else []:
-                if self._drawn.get(mode) != self._logged.get(mode):
-                    self._draw(mode)
-        self._close_sinks()
+        self._tracker.close()  # final figures, then the sinks
 
-    # ------------------------------------------------------------------ adapters
-    def _shown(self, table: StatsTable) -> StatsTable:
-        """Only the labels of ``label_mapping`` (FE skips the others), in natural order."""
-        if self.label_mapping is None:
-            return table
-        return table.take([i for i, lab in enumerate(table.labels.tolist()) if lab in self.label_mapping])
-
+    # ------------------------------------------------------------------ FE output
     def _record_summaries(self, table: StatsTable, mode: str, step: Optional[int]) -> None:
         """Write the epoch into FE's Summary objects exactly as FE's LabelTracker does."""
         mapping, metric = self.label_mapping, self.metric_key
@@ -259,90 +244,19 @@ class LabelTracker(Trace):
             if None in self.bounds:
                 history[metric][step] = row.mean
 
-    def _draw(self, mode: str) -> None:
-        """Render one band figure per bound for ``mode`` and hand it to every sink."""
-        from .figures import band_figure
-
-        name, step = self.outputs[0], self._logged[mode]
-        self._drawn[mode] = step
-        if not self.sinks:
-            return
-        for bound in (b for b in _FIGURE_BOUNDS if b in self.bounds):
-            try:
-                fig = band_figure(self.history, name=name, mode=mode, bound=bound, label_names=self._display())
-            except Exception:
-                logger.error("%s: rendering the %s figure of %s failed; figures are turned off",
-                             name, bound or "mean", mode, exc_info=True)
-                self.figures = None
-                return
-            self._each("log_figure", fig, step=step, name=figure_name(name, bound), mode=mode)
-
-    # --------------------------------------------------------------------- sinks
-    def _display(self) -> Optional[Dict[Any, str]]:
-        return {val: str(key) for val, key in self.label_mapping.items()} if self.label_mapping else None
-
-    def _configure(self, sinks: List[Sink]) -> None:
-        names = self._display()
-        if names is None:  # keep whatever names the sinks were configured with
-            return
-        for sink in list(sinks):
-            self._call(sink, "set_label_names", names)
-
-    def _reopen(self) -> List[Sink]:
-        """Rebuild the sinks from the configuration (after a restore, or after on_end closed them)."""
-        try:
-            sinks = make_sinks(self._sink_config)
-        except Exception:
-            logger.error("%s: could not reopen the sinks from %r; continuing without sinks",
-                         self.outputs[0], self._sink_config, exc_info=True)
-            return []
-        closed = [s for s in sinks if s.closed]
-        if closed:
-            logger.warning("%s: sink(s) %s were closed by an earlier on_end and cannot be reopened; pass sink "
-                           "names or dicts instead of instances to have them reopened", self.outputs[0], closed)
-        sinks = [s for s in sinks if not s.closed]
-        self._sinks = sinks
-        self._failed = []
-        self._configure(sinks)
-        return self._sinks
-
-    def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
-        for sink in list(self.sinks):
-            self._call(sink, method, *args, **kwargs)
-
-    def _call(self, sink: Sink, method: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``sink.method``; a sink that raises is logged once and skipped from then on."""
-        try:
-            getattr(sink, method)(*args, **kwargs)
-        except Exception:
-            logger.error("%s: sink %r failed in %s(); it is skipped for the rest of training (other sinks continue)",
-                         self.outputs[0], sink, method, exc_info=True)
-            if self._sinks is not None and sink in self._sinks:
-                self._sinks.remove(sink)
-            self._failed.append(sink)
-
-    def _close_sinks(self) -> None:
-        for sink in list(self._sinks or []):  # sinks not reopened yet need no closing
-            self._call(sink, "close")
-        for sink in self._failed:  # release what a broken sink holds; its error was already logged
-            try:
-                sink.close()
-            except Exception:  # noqa: BLE001
-                logger.debug("closing failed sink %r raised again", sink, exc_info=True)
-        self._sinks, self._failed = None, []
-
     # ---------------------------------------------------------------- state
     def __getstate__(self) -> Dict[str, Any]:
-        """The state FE's ``System.save_state`` and pickle store: everything but the system and open sinks."""
-        return {key: value for key, value in self.__dict__.items() if key not in _TRANSIENT}
+        """The state FE's ``System.save_state`` and pickle store: everything but the system (the
+        tracker drops its open sinks)."""
+        return {key: value for key, value in self.__dict__.items() if key != "system"}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        """Restore ``state``. A live tracker (``System.load_state``) keeps its open sinks and sink
-        configuration; an unpickled one reopens its sinks from the saved configuration when next used."""
-        live = {key: self.__dict__[key] for key in ("_sinks", "_failed", "_sink_config") if key in self.__dict__}
+        """Restore ``state``. A live trace (``System.load_state``) keeps its tracker's open sinks and
+        sink configuration; an unpickled one reopens its sinks from the saved configuration when next used."""
+        live = self.__dict__.get("_tracker")
         self.__dict__.update(state)
-        self.__dict__.update(live)  # load_state into a live tracker: its own sinks and sink configuration win
-        self.__dict__.setdefault("_sinks", None)
-        self.__dict__.setdefault("_failed", [])
+        if live is not None and live is not self._tracker:
+            live.__setstate__(self._tracker.__getstate__())
+            self._tracker = live
         for summary in self.label_summaries.values():  # FE's Summary drops this when pickled, then
             summary.__dict__.setdefault("system_config", None)  # cannot be pickled a second time

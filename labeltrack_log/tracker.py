@@ -1,0 +1,327 @@
+"""Tracker: the framework-agnostic core that turns per-batch (labels, values) into logged epochs.
+
+A :class:`Tracker` keeps one :class:`~labeltrack_log.GroupedStats` per mode; at each epoch end it
+computes the per-label tables, records them in a :class:`~labeltrack_log.StatsHistory`, sends
+them to every sink, flushes, and renders band figures on the chosen schedule. A sink that raises
+is logged once and skipped from then on: a failing sink never stops training. The FastEstimator
+trace (:mod:`labeltrack_log.fastestimator`) is a thin adapter over this class; a plain training
+loop uses it directly.
+
+Only numpy is imported here; matplotlib is imported when a figure is first drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, InputTypeError
+from .figures import BOUNDS, BandFigure
+from .grouping import GroupedStats, StatsTable
+from .history import DEFAULT_MAX_STEPS, StatsHistory
+from .naming import figure_name
+from .sinks import Sink, make_sinks
+
+__all__ = ["Tracker"]
+
+logger = logging.getLogger(__name__)
+
+_TRANSIENT = ("_sinks", "_failed", "_renderers")  # never pickled: open sinks and figures
+
+
+class Tracker:
+    """Track a metric grouped by label over epochs and stream it to sinks (TensorBoard, MLflow, files).
+
+    Per batch, :meth:`update` adds the per-sample metric of one mode. Per epoch, :meth:`end_epoch`
+    computes each mode's table, appends it to :attr:`history`, sends it to every sink, flushes,
+    and sends band figures when they are due. :meth:`close` sends the final figures and closes
+    the sinks. A sink that raises is logged once (with traceback) and skipped from then on; the
+    other sinks still get everything.
+
+    The tracker pickles without its sinks (and figures); the copy reopens them from their
+    configuration when next used and does not send a step again that was already sent.
+    :meth:`reset` starts a new run. Figures are redrawn in place (one per mode and bound): a sink
+    gets the figure for the duration of its ``log_figure`` call, as the Sink contract says.
+
+    Args:
+        name: Name of the tracked quantity (e.g. ``"ce_by_y"``); used in every tag, key and file.
+        sinks: Anything :func:`labeltrack_log.sinks.make_sinks` accepts (``"tensorboard"``,
+            ``["tensorboard", "mlflow"]``, dicts with options, Sink instances, a .toml/.json
+            path); None: the ``LABELTRACK_SINKS`` environment variable, else no sinks. Built now,
+            so a bad configuration fails before training.
+        label_names: Label value -> display name, handed to the sinks and the figures. None keeps
+            the names the sinks were configured with.
+        labels: Report only these label values (others are accumulated but never reported);
+            None reports every label.
+        figures: When band figures are sent to the sinks: ``"end"`` (once, in :meth:`close`),
+            ``"epoch"`` (every epoch), an int N (every N epochs, and at the end) or None (never).
+        bounds: Band figures drawn each time: ``"std"`` (mean ± std), ``"range"`` (min..max),
+            or several; empty for none.
+        max_steps: Steps kept per mode in :attr:`history` (older ones are thinned evenly).
+
+    Attributes:
+        name: the tracked name.
+        label_names: label value -> display name, or None.
+        labels: the reported label values (a frozenset), or None for all.
+        bounds: the band figures drawn, in order.
+        history: a :class:`~labeltrack_log.StatsHistory` of every table sent.
+
+    Raises:
+        ConfigError (a ValueError): a bad argument or sink configuration.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "stats.csv")
+        >>> with Tracker("loss_by_y", sinks={"type": "csv", "path": path},
+        ...              label_names={0: "cat", 1: "dog"}, figures=None) as tracker:
+        ...     tracker.update([0, 1, 1], [0.5, 1.0, 3.0], mode="train")
+        ...     tables = tracker.end_epoch(step=10)
+        >>> tables["train"].mean.tolist(), tracker.history.steps("loss_by_y", "train")
+        ([0.5, 2.0], [10])
+        >>> sorted({line.split(",")[5] for line in open(path).read().splitlines()[1:]})
+        ['cat', 'dog']
+    """
+
+    def __init__(self,
+                 name: str,
+                 *,
+                 sinks: Any = None,
+                 label_names: Mapping[Any, str] | None = None,
+                 labels: Iterable[Any] | None = None,
+                 figures: str | int | None = "end",
+                 bounds: str | Iterable[str] = ("std",),
+                 max_steps: int = DEFAULT_MAX_STEPS) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name: expected a non-empty string, got {name!r}")
+        if label_names is not None and not isinstance(label_names, Mapping):
+            raise ConfigError(f"label_names: expected a mapping label -> display name or None, got {type(label_names).__name__}")
+        if labels is not None and (isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable)):
+            raise ConfigError(f"labels: expected an iterable of label values or None, got {type(labels).__name__} {labels!r}")
+        bounds = (bounds,) if isinstance(bounds, str) else tuple(bounds) if isinstance(bounds, Iterable) else (bounds,)
+        bad = [b for b in bounds if b not in BOUNDS]
+        if bad:
+            raise ConfigError(f"bounds: expected some of {list(BOUNDS)}, got {bad}")
+        try:
+            self.history = StatsHistory(max_steps=max_steps)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.name = name
+        self.figures = figures
+        self.bounds = tuple(dict.fromkeys(bounds))
+        self.label_names = {lab: str(text) for lab, text in label_names.items()} if label_names is not None else None
+        try:
+            self.labels = frozenset(labels) if labels is not None else None
+        except TypeError as err:
+            raise ConfigError(f"labels: expected hashable label values (ints or strings), got {err}") from None
+        self._stats: dict[str, GroupedStats] = {}  # mode -> accumulator of the epoch in progress
+        self._logged: dict[str, int] = {}  # mode -> last step sent to the sinks
+        self._drawn: dict[str, int] = {}  # mode -> last step with figures
+        self._epochs: dict[str, int] = {}  # mode -> epochs sent (the every-N schedule without ``epoch=``)
+        self._renderers: dict[tuple[str, str], BandFigure] = {}
+        self._sink_config = sinks
+        self._sinks: list[Sink] | None = None
+        self._failed: list[Sink] = []
+        self._open(make_sinks(sinks))
+
+    @property
+    def figures(self) -> str | int | None:
+        """The figure schedule: ``"end"``, ``"epoch"``, a positive int N, or None."""
+        return self._figures
+
+    @figures.setter
+    def figures(self, figures: str | int | None) -> None:
+        every_n = isinstance(figures, int) and not isinstance(figures, bool) and figures > 0
+        if not (figures in (None, "end", "epoch") or every_n):
+            raise ConfigError(f"figures: expected 'end', 'epoch', a positive int (every N epochs) or None, got {figures!r}")
+        self._figures = figures
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """The sinks in use: a sink that raised is dropped; after :meth:`close` or unpickling they
+        are reopened from the configuration on first use (closed Sink instances cannot be)."""
+        if self._sinks is None:
+            self._reopen()
+        return self._sinks  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ tracking
+    def update(self, labels: Any, values: Any, mode: str = "train") -> None:
+        """Add one batch of ``mode``: a label and a metric value per sample.
+
+        ``labels`` and ``values`` are 1-D (numpy arrays, lists, torch or TensorFlow tensors), see
+        :meth:`labeltrack_log.GroupedStats.update`.
+
+        Raises:
+            InputShapeError, InputTypeError: bad batch or mode, saying what to pass instead.
+        """
+        stats = self._stats.get(mode)
+        if stats is None:
+            if not isinstance(mode, str) or not mode:
+                raise InputTypeError(f"mode: expected a non-empty string, got {mode!r}")
+            stats = self._stats[mode] = GroupedStats()
+        stats.update(labels, values)
+
+    def end_epoch(self, step: int, modes: str | Iterable[str] | None = None, *,
+                  epoch: int | None = None) -> dict[str, StatsTable]:
+        """End the epoch of ``modes`` at ``step``: compute, record, send to the sinks, flush, draw.
+
+        Each mode's accumulator is computed and reset. Its table (restricted to :attr:`labels`)
+        is appended to :attr:`history` and sent to every sink, then the sinks are flushed and
+        band figures are sent when due. A mode whose ``step`` is not above the last step it sent
+        (e.g. the epoch a framework re-runs after a restore) is not sent again.
+
+        Args:
+            step: The step the tables are logged at (e.g. the global training step).
+            modes: The mode(s) to end; None: every mode updated since its last epoch end.
+                A mode without updates is skipped.
+            epoch: The 1-based epoch number for the every-N figure schedule; default: the
+                number of epochs this tracker has sent for the mode.
+
+        Returns:
+            The computed table of each ended mode (a step not sent again included).
+
+        Raises:
+            InputTypeError: ``step`` or ``epoch`` is not an int, or a mode is not a string.
+        """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise InputTypeError(f"step: expected an int, got {type(step).__name__} {step!r}")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer))):
+            raise InputTypeError(f"epoch: expected an int or None, got {type(epoch).__name__} {epoch!r}")
+        step = int(step)
+        names = list(self._stats) if modes is None else [modes] if isinstance(modes, str) else modes
+        names = list(names) if isinstance(names, Iterable) else [names]
+        if not all(isinstance(mode, str) for mode in names):
+            raise InputTypeError(f"modes: expected a string, a list of strings or None, got {modes!r}")
+        tables: dict[str, StatsTable] = {}
+        sent = False
+        for mode in names:
+            stats = self._stats.pop(mode, None)
+            if stats is None:
+                continue
+            table = tables[mode] = self._restrict(stats.compute())
+            if step <= self._logged.get(mode, step - 1):
+                logger.info("%s: %s step %d was already logged; not sending it again", self.name, mode, step)
+                continue
+            self._logged[mode] = step
+            self._epochs[mode] = self._epochs.get(mode, 0) + 1
+            self.history.append(table, step=step, name=self.name, mode=mode)
+            self._each("log_stats", table, step=step, name=self.name, mode=mode)
+            n = self._epochs[mode] if epoch is None else int(epoch)
+            if self._figures == "epoch" or (isinstance(self._figures, int) and n % self._figures == 0):
+                self._draw(mode)
+            sent = True
+        if sent:
+            self._each("flush")
+        return tables
+
+    def reset(self) -> None:
+        """Start a new run: forget the epochs in progress, the history and the steps sent."""
+        self.history = StatsHistory(max_steps=self.history.max_steps)
+        self._stats, self._logged, self._drawn, self._epochs = {}, {}, {}, {}
+
+    def close(self) -> None:
+        """Send the figures of the last step (unless ``figures`` is None or they were sent) and
+        close the sinks. Safe to call more than once; a later use reopens the sinks."""
+        if self._figures is not None:
+            for mode, step in list(self._logged.items()):
+                if self._drawn.get(mode) != step:
+                    self._draw(mode)
+        self._close_sinks()
+        self._renderers = {}
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Tracker({self.name!r}, figures={self._figures!r}, bounds={self.bounds!r})"
+
+    # ------------------------------------------------------------------ helpers
+    def _restrict(self, table: StatsTable) -> StatsTable:
+        if self.labels is None:
+            return table
+        return table.take([i for i, lab in enumerate(table.labels.tolist()) if lab in self.labels])
+
+    def _draw(self, mode: str) -> None:
+        """Render one band figure per bound for ``mode`` and hand it to every sink."""
+        step = self._drawn[mode] = self._logged[mode]
+        if not self.sinks:
+            return
+        for bound in self.bounds:
+            try:
+                renderer = self._renderers.get((mode, bound))
+                if renderer is None:
+                    renderer = self._renderers[mode, bound] = BandFigure(bound=bound, label_names=self.label_names)
+                fig = renderer.draw(self.history, name=self.name, mode=mode)
+            except Exception:
+                logger.error("%s: rendering the %s figure of %s failed; figures are turned off",
+                             self.name, bound, mode, exc_info=True)
+                self._figures = None
+                return
+            self._each("log_figure", fig, step=step, name=figure_name(self.name, bound), mode=mode)
+
+    # --------------------------------------------------------------------- sinks
+    def _open(self, sinks: list[Sink]) -> None:
+        self._sinks, self._failed = sinks, []
+        if self.label_names is not None:  # else keep whatever names the sinks were configured with
+            for sink in list(sinks):
+                self._call(sink, "set_label_names", self.label_names)
+
+    def _reopen(self) -> None:
+        """Rebuild the sinks from the configuration (after unpickling, or after :meth:`close`)."""
+        try:
+            sinks = make_sinks(self._sink_config)
+        except Exception:
+            logger.error("%s: could not reopen the sinks from %r; continuing without sinks",
+                         self.name, self._sink_config, exc_info=True)
+            sinks = []
+        closed = [s for s in sinks if s.closed]
+        if closed:
+            logger.warning("%s: sink(s) %s were closed by an earlier close() and cannot be reopened; pass sink "
+                           "names or dicts instead of instances to have them reopened", self.name, closed)
+        self._open([s for s in sinks if not s.closed])
+
+    def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
+        for sink in list(self.sinks):
+            self._call(sink, method, *args, **kwargs)
+
+    def _call(self, sink: Sink, method: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``sink.method``; a sink that raises is logged once and skipped from then on."""
+        try:
+            getattr(sink, method)(*args, **kwargs)
+        except Exception:
+            logger.error("%s: sink %r failed in %s(); it is skipped for the rest of training (other sinks continue)",
+                         self.name, sink, method, exc_info=True)
+            if self._sinks is not None and sink in self._sinks:
+                self._sinks.remove(sink)
+            self._failed.append(sink)
+
+    def _close_sinks(self) -> None:
+        """Close the open sinks (none are reopened for this) and release what failed ones hold."""
+        for sink in list(self._sinks or []):
+            self._call(sink, "close")
+        for sink in self._failed:  # its error was already logged
+            try:
+                sink.close()
+            except Exception:  # noqa: BLE001
+                logger.debug("closing failed sink %r raised again", sink, exc_info=True)
+        self._sinks, self._failed = None, []
+
+    # --------------------------------------------------------------------- state
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the open sinks and figures (the sink configuration is kept)."""
+        return {key: value for key, value in self.__dict__.items() if key not in _TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore ``state``. A live tracker (e.g. FastEstimator's ``System.load_state``) keeps its
+        open sinks and sink configuration; an unpickled one reopens its sinks when next used."""
+        live = {key: self.__dict__[key] for key in (*_TRANSIENT, "_sink_config") if key in self.__dict__}
+        self.__dict__.update(state)
+        self.__dict__.update(live)
+        self.__dict__.setdefault("_sinks", None)
+        self.__dict__.setdefault("_failed", [])
+        self.__dict__.setdefault("_renderers", {})
