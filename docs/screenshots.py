@@ -47,7 +47,7 @@ def main() -> None:
 
     tb = servers.tensorboard_server(work / "runs", Path(tempfile.mkdtemp()) / "tb.log")
     try:
-        shoot(f"{tb.url}/#scalars&regexInput=_summary|digit%200|digit%208", args.out / "tensorboard_scalars.png")
+        shoot(f"{tb.url}/#scalars&_ignoreYOutliers=false&_smoothingWeight=0&tagFilter=digit%20%5B08%5D%2Fmean%7C_summary%2Fmacro", args.out / "tensorboard_scalars.png")
         shoot(f"{tb.url}/#custom_scalars", args.out / "tensorboard_custom_scalars.png")
         shoot(f"{tb.url}/#images", args.out / "tensorboard_images.png", size="1400,1300")
     finally:
