@@ -1,7 +1,7 @@
 """Take the README screenshots: TensorBoard (Scalars, Custom Scalars, Images) and the MLflow run
 page, from real servers on the output of `make demo`, with headless Chromium.
 
-    .venv/bin/python docs/screenshots.py [--workdir demo-output] [--out docs/images]
+    make demo && .venv/bin/python docs/screenshots.py [--workdir .] [--out docs/images]
 
 Needs Debian's chromium (apt-get install chromium). Starts `tensorboard` and `mlflow server` on
 free loopback ports and stops them afterwards.
@@ -47,7 +47,7 @@ def main() -> None:
 
     tb = servers.tensorboard_server(work / "runs", Path(tempfile.mkdtemp()) / "tb.log")
     try:
-        shoot(f"{tb.url}/#scalars&_ignoreYOutliers=false&_smoothingWeight=0&tagFilter=digit%20%5B08%5D%2Fmean%7C_summary%2Fmacro", args.out / "tensorboard_scalars.png")
+        shoot(f"{tb.url}/#scalars&_smoothingWeight=0&tagFilter=digit%20%5B08%5D%2Fmean%7C_summary%2Fmacro", args.out / "tensorboard_scalars.png")
         shoot(f"{tb.url}/#custom_scalars", args.out / "tensorboard_custom_scalars.png")
         shoot(f"{tb.url}/#images", args.out / "tensorboard_images.png", size="1400,1300")
     finally:
