@@ -333,3 +333,24 @@ def test_make_sinks_builds_the_mlflow_sink(mlflow_server):
     sink.close()
     assert get_run(mlflow_server.url, sink.run_id)["info"]["status"] == "FINISHED"
     assert not list(Path.cwd().glob("labeltrack-spool/*"))
+
+
+def test_bad_sqlite_destination_fails_at_construction(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "a-dir.db").mkdir()
+    with pytest.raises(ConfigError, match=r"directory of the sqlite database '.*a-file/mlflow.db' is not a directory"):
+        MLflowSink(f"sqlite:///{(tmp_path / 'a-file').as_posix()}/mlflow.db")
+    with pytest.raises(ConfigError, match=r"sqlite database '.*a-dir.db': expected a database file, got a directory"):
+        MLflowSink(f"sqlite:///{(tmp_path / 'a-dir.db').as_posix()}")
+    with pytest.raises(ConfigError, match="directory of the sqlite database .* does not exist"):
+        MLflowSink(f"sqlite:///{(tmp_path / 'missing').as_posix()}/mlflow.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir.db", "a-file"]  # nothing created
+
+
+def test_explicit_ids_are_checked_at_construction_on_sqlite(tmp_path, monkeypatch):
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    with pytest.raises(ConfigError, match="run_id: expected the id of an existing run.*'0123456789abcdef'"):
+        MLflowSink(uri, run_id="0123456789abcdef")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "987654")  # an id from the environment is checked too
+    with pytest.raises(ConfigError, match="experiment_id: expected the id of an existing experiment, got '987654'"):
+        MLflowSink(uri)

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import threading
 import urllib.parse
 from contextlib import contextmanager
@@ -153,8 +154,8 @@ def check_uri(uri: str) -> None:
         if not uri.startswith("sqlite:///"):
             raise ConfigError(f"{expected}, got {uri!r} (a sqlite URI starts with sqlite:///)")
         db = uri[len("sqlite:///"):].split("?")[0]
-        if db and db != ":memory:" and not Path(db).parent.is_dir():
-            raise ConfigError(f"tracking_uri: the directory of the sqlite database {db!r} does not exist")
+        if db and db != ":memory:":
+            check_sqlite_path(Path(db))
         return
     try:
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry
@@ -166,9 +167,30 @@ def check_uri(uri: str) -> None:
         raise ConfigError(f"{expected}, got {uri!r} ({err})") from None
 
 
+def check_sqlite_path(db: Path) -> None:
+    """Reject a sqlite database MLflow could not open or write, from the file system alone (no
+    mlflow): its directory must exist (MLflow does not create it) and be writable (SQLite writes
+    journal files beside the database), and the database, if present, must be a writable file."""
+    what = f"tracking_uri: the sqlite database {str(db)!r}"
+    if not db.parent.is_dir():
+        reason = "is not a directory" if db.parent.exists() else "does not exist"
+        raise ConfigError(f"tracking_uri: the directory of the sqlite database {str(db)!r} {reason}")
+    if db.exists() and not db.is_file():
+        raise ConfigError(f"{what}: expected a database file, got a directory or another non-file")
+    if not os.access(db.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: expected a writable directory, got {str(db.parent)!r}, which is not writable")
+    if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        raise ConfigError(f"{what}: expected a readable and writable file, got one without permission")
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether a failed request may succeed later (server down/slow/overloaded), as opposed to a
-    request the server rejects (bad key, unknown or deleted run)."""
+    request the server rejects (bad key, unknown or deleted run). A sqlite store that another process
+    holds locked (SQLITE_BUSY/SQLITE_LOCKED, after SQLite's own wait) is transient too."""
+    orig = getattr(err, "orig", err)  # SQLAlchemy wraps the DB-API error
+    code = getattr(orig, "sqlite_errorcode", None) if isinstance(orig, sqlite3.Error) else None
+    if code is not None and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):  # primary code
+        return True
     from mlflow.exceptions import MlflowException
 
     if isinstance(err, MlflowException):
