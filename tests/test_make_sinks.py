@@ -101,3 +101,15 @@ def test_registered_class_and_entry_point(tmp_path: Path):
     code = "from labeltrack_log.sinks import make_sinks; print(type(make_sinks('plug')[0]).__name__)"
     out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(pkg)}, capture_output=True, text=True)
     assert out.stdout.strip() == "PlugSink", out.stderr
+
+
+def test_malformed_files_and_environment_are_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "bad.toml").write_text("[[sinks]\ntype = ")
+    (tmp_path / "bad.json").write_text("[{'type': 'csv'}]")
+    with pytest.raises(ConfigError, match="bad.toml: expected valid TOML"):
+        make_sinks(tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="bad.json: expected valid JSON"):
+        make_sinks(tmp_path / "bad.json")
+    monkeypatch.setenv("LABELTRACK_SINKS", "[csv")
+    with pytest.raises(ConfigError, match="LABELTRACK_SINKS: expected sink names, a file path or JSON"):
+        make_sinks(None)

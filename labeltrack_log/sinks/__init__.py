@@ -383,14 +383,24 @@ def _load_file(path: Path) -> Any:
     if path.suffix.lower() == ".toml":
         try:
             import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        data = tomllib.loads(text)
+        except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+, tomli is its backport
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError:
+                raise ConfigError(f"{path}: reading TOML needs Python 3.11+ or 'pip install tomli'; "
+                                  "a .json file works everywhere") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: expected valid TOML, got an error: {err}") from None
         if "sinks" not in data:
             raise ConfigError(f"{path}: expected a TOML file with a [[sinks]] array of tables, got keys {sorted(data)}")
         return data["sinks"]
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: expected valid JSON, got an error: {err}") from None
         return data["sinks"] if isinstance(data, dict) and "sinks" in data else data
     raise ConfigError(f"{path}: expected a .toml or .json sink configuration file")
 
@@ -421,7 +431,11 @@ def make_sinks(config: Any = None) -> list[Sink]:
         if not env:
             return []
         if env.startswith(("[", "{")):
-            return make_sinks(json.loads(env))
+            try:
+                parsed = json.loads(env)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{ENV_VAR}: expected sink names, a file path or JSON, got invalid JSON: {err}") from None
+            return make_sinks(parsed)
         if _looks_like_path(env):
             return make_sinks(Path(env))
         return make_sinks([part.strip() for part in env.split(",") if part.strip()])
