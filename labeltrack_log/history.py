@@ -322,12 +322,16 @@ class StatsHistory:
                         )
                     yield lineno, row
 
-        return cls._from_rows(path, rows(), max_steps)
+        return cls._from_rows(path, rows(), max_steps, typed=True)
 
     @classmethod
-    def _from_rows(cls, path: Path, rows: Iterable[tuple[int, Mapping[str, Any]]], max_steps: int) -> "StatsHistory":
+    def _from_rows(cls, path: Path, rows: Iterable[tuple[int, Mapping[str, Any]]], max_steps: int,
+                   typed: bool = False) -> "StatsHistory":
+        """``typed``: the rows keep the label's type (JSON), so a string label "3" stays a string;
+        CSV has no types, and labels that all look like integers are read as integers."""
         # (name, mode) -> step -> label text -> (label_name, count, mean, std, min, max, nonfinite)
         groups: dict[tuple[str, str], dict[int, dict[str, tuple]]] = {}
+        string_labels: set[tuple[str, str]] = set()  # (name, mode) whose labels are JSON strings
         for lineno, row in rows:
             where = f"{path}:{lineno}"
             step = _to_int(row["step"], "step", where)
@@ -342,10 +346,12 @@ class StatsHistory:
             )
             key = (str(row["name"]), str(row["mode"]))
             groups.setdefault(key, {}).setdefault(step, {})[str(row["label"])] = record  # later rows win
+            if typed and isinstance(row["label"], str):
+                string_labels.add(key)
         history = cls(max_steps)
         for (name, mode), by_step in groups.items():
             texts = {t for labels in by_step.values() for t in labels}
-            as_int = all(_INT_TEXT.fullmatch(t) for t in texts)
+            as_int = (name, mode) not in string_labels and all(_INT_TEXT.fullmatch(t) for t in texts)
             for step in sorted(by_step):
                 table, names = _table(by_step[step], as_int)
                 history.append(table, step=step, name=name, mode=mode)

@@ -193,7 +193,7 @@ def rows_for(history_spec):
         for step, t in items:
             for r in t:
                 rows.append({
-                    "wall_time": 1.7e9 + step, "name": name, "mode": mode, "step": step, "label": str(r.label),
+                    "wall_time": 1.7e9 + step, "name": name, "mode": mode, "step": step, "label": r.label,
                     "label_name": {0: "cat", 1: "dog"}.get(r.label, str(r.label)), "count": r.count, "mean": r.mean,
                     "std": r.std, "min": r.min, "max": r.max, "nonfinite": r.nonfinite,
                 })
