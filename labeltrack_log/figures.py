@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from .naming import figure_name, file_stem, label_text
+from .naming import figure_file, figure_name, label_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -598,7 +598,7 @@ def render_files(
 
     Files are named like :class:`~labeltrack_log.sinks.files.ImageDirSink` names the figure of the
     last step, ``<name>_<bound>_band_<mode>_step_<step>.png`` (built by
-    :func:`~labeltrack_log.naming.figure_name` and :func:`~labeltrack_log.naming.file_stem`), inside
+    :func:`~labeltrack_log.naming.figure_name` and :func:`~labeltrack_log.naming.figure_file`), inside
     ``output_dir``, which is created if needed. ``name``/``mode`` restrict the output;
     None means every name/mode in the file.
 
@@ -625,7 +625,7 @@ def render_files(
     written = []
     for n, m in pairs:
         fig = band_figure(history, name=n, mode=m, bound=bound)
-        target = out / f"{file_stem(figure_name(n, bound), m)}_step_{history.steps(n, m)[-1]}.png"
+        target = out / figure_file(figure_name(n, bound), m, history.steps(n, m)[-1])
         target.write_bytes(figure_to_png(fig))
         written.append(target)
     return written

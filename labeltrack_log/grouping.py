@@ -103,7 +103,10 @@ def _normalise_labels(lab: np.ndarray) -> tuple[np.ndarray, str]:
         if all(isinstance(e, str) for e in items):
             return lab, "str"
         if all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in items):
-            return np.array(items, dtype=np.int64), "int"
+            try:
+                return np.array(items, dtype=np.int64), "int"
+            except OverflowError:
+                raise InputTypeError("labels: expected integers that fit in int64, got a larger Python int") from None
         kinds = sorted({type(e).__name__ for e in items})
         raise InputTypeError(f"labels: expected all ints or all strings, got objects of types {kinds}")
     raise InputTypeError(f"labels: expected ints, bools or strings, got dtype {lab.dtype}")
@@ -468,7 +471,7 @@ class GroupedStats:
             self._kind = other._kind
         elif other._kind != self._kind:
             raise InputTypeError(f"merge: expected {self._kind} labels, got an accumulator of {other._kind} labels")
-        slots = self._slots_for(np.array(other._labels))
+        slots = self._slots_for(np.array(other._labels, dtype=object if other._kind == "str" else np.int64))
         self._nonfinite[slots] += other._nonfinite[:k]
         np.minimum.at(self._min, slots, other._min[:k])
         np.maximum.at(self._max, slots, other._max[:k])

@@ -351,7 +351,8 @@ class StatsHistory:
         history = cls(max_steps)
         for (name, mode), by_step in groups.items():
             texts = {t for labels in by_step.values() for t in labels}
-            as_int = (name, mode) not in string_labels and all(_INT_TEXT.fullmatch(t) for t in texts)
+            # only canonical decimals ("7", "-3"; not "007" or "+1") are ints, so distinct texts stay distinct
+            as_int = (name, mode) not in string_labels and all(_INT_TEXT.fullmatch(t) and str(int(t)) == t for t in texts)
             for step in sorted(by_step):
                 table, names = _table(by_step[step], as_int)
                 history.append(table, step=step, name=name, mode=mode)

@@ -119,15 +119,23 @@ def file_stem(*parts: Any) -> str:
     return "_".join(component(p, "file") for p in parts)
 
 
+def _mode_part(mode: str) -> str:
+    """``mode`` as a file-name part without ``_``: names may contain ``_`` but modes may not, so
+    ``<name>_<mode>_...`` always splits one way (``("a_b", "c")`` and ``("a", "b_c")`` never collide).
+    A mode that had to change gets a hash of the original, like every changed component."""
+    part = component(mode, "file")
+    return part if "_" not in part else f"{part.replace('_', '-')}-{_digest(str(mode))}"
+
+
 def figure_file(name: str, mode: str, step: int) -> str:
     """File name of the figure of ``name`` in ``mode`` at ``step``: ``<name>_<mode>_step_<step>.png``
     (like FastEstimator's ImageSaver ``<key>_<mode>_epoch_<epoch>.png``)."""
-    return f"{file_stem(name, mode)}_step_{int(step)}.png"
+    return f"{component(name, 'file')}_{_mode_part(mode)}_step_{int(step)}.png"
 
 
 def table_file(name: str, mode: str, step: int) -> str:
     """File name of the full table of ``name`` in ``mode`` at ``step``: ``<name>_<mode>_step<step>.csv``."""
-    return f"{file_stem(name, mode, f'step{int(step)}')}.csv"
+    return f"{component(name, 'file')}_{_mode_part(mode)}_step{int(step)}.csv"
 
 
 def figure_name(name: str, bound: str | None) -> str:

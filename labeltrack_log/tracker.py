@@ -183,10 +183,11 @@ class Tracker:
             The computed table of each ended mode (a step not sent again included).
 
         Raises:
-            InputTypeError: ``step`` or ``epoch`` is not an int, or a mode is not a string.
+            InputTypeError: ``step`` is not a non-negative int, ``epoch`` is not an int, or a mode
+                is not a string (checked before anything changes, so no sink is dropped for it).
         """
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            raise InputTypeError(f"step: expected an int, got {type(step).__name__} {step!r}")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise InputTypeError(f"step: expected a non-negative int, got {type(step).__name__} {step!r}")
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer))):
             raise InputTypeError(f"epoch: expected an int or None, got {type(epoch).__name__} {epoch!r}")
         step = int(step)

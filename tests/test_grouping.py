@@ -290,3 +290,16 @@ def test_hundred_thousand_distinct_labels():
     lab = int(labels[123])
     v = values[labels == lab]
     assert t[lab].mean == pytest.approx(v.mean()) and t[lab].std == pytest.approx(v.std(ddof=1))
+
+
+def test_merge_keeps_strings_that_differ_only_by_trailing_nul():
+    g = GroupedStats()
+    g.update(["a\x00", "a"], [1.0, 3.0])
+    merged = GroupedStats().merge(g).compute()
+    assert merged.labels.tolist() == ["a", "a\x00"]
+    assert merged["a"].mean == 3.0 and merged["a\x00"].mean == 1.0
+
+
+def test_python_ints_beyond_int64_are_a_clear_error():
+    with pytest.raises(InputTypeError, match="fit in int64"):
+        GroupedStats().update(np.array([2**70], dtype=object), [1.0])

@@ -312,3 +312,15 @@ def test_history_module_imports_numpy_only():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_csv_string_labels_that_look_like_ints_stay_distinct(tmp_path):
+    from labeltrack_log import GroupedStats
+    from labeltrack_log.sinks.files import CSVSink
+
+    g = GroupedStats()
+    g.update(["01", "1", "007"], [1.0, 2.0, 3.0])
+    with CSVSink(tmp_path / "a.csv") as sink:
+        sink.log_stats(g.compute(), step=1, name="x", mode="eval")
+    table = StatsHistory.from_file(tmp_path / "a.csv").latest()
+    assert sorted(table.labels.tolist()) == ["007", "01", "1"] and table["01"].mean == 1.0

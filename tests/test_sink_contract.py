@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import glob
 import os
 import pickle
 import struct
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from labeltrack_log import GroupedStats, InputTypeError, StatsTable
-from labeltrack_log.naming import SUMMARY, component, file_stem, image_key, mlflow_key
+from labeltrack_log.naming import SUMMARY, component, figure_file, image_key, mlflow_key
 from labeltrack_log.sinks import Sink
 from labeltrack_log.sinks.files import CSVSink, ImageDirSink, JSONLSink
 
@@ -42,8 +43,8 @@ def jsonl_steps(sink: JSONLSink, name: str, mode: str) -> set[int]:
 
 
 def image_steps(sink: ImageDirSink, name: str, mode: str) -> set[int]:
-    stem = f"{file_stem(name, mode)}_step_"
-    return {int(p.name[len(stem):-4]) for p in sink.directory.glob(f"{stem}*.png")}
+    stem = figure_file(name, mode, 0)[: -len("0.png")]
+    return {int(p.name[len(stem):-4]) for p in sink.directory.glob(f"{glob.escape(stem)}*.png")}
 
 
 def tensorboard_steps(sink, name: str, mode: str) -> set[int]:

@@ -100,3 +100,11 @@ def test_close_is_idempotent_and_sink_pickles(tmp_path: Path):
     assert pd.read_csv(tmp_path / "s.csv")["step"].tolist() == [1, 2]
     with pytest.raises(ValueError, match="closed"):
         sink.log_stats(table([1], [1.0]), step=3, name="x", mode="eval")
+
+
+def test_figure_files_of_different_name_mode_pairs_never_collide():
+    from labeltrack_log.naming import figure_file, table_file
+
+    assert figure_file("a_b", "c", 1) != figure_file("a", "b_c", 1)
+    assert table_file("a_b", "c", 1) != table_file("a", "b_c", 1)
+    assert figure_file("ce_by_y", "eval", 3) == "ce_by_y_eval_step_3.png"  # the usual case stays readable

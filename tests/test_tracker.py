@@ -365,10 +365,23 @@ def test_bad_calls_say_what_to_pass():
     with pytest.raises(InputTypeError, match="mode: expected a non-empty string, got 3"):
         tracker.update([0], [1.0], mode=3)
     tracker.update([0], [1.0], mode="eval")
-    with pytest.raises(InputTypeError, match="step: expected an int, got float 1.5"):
+    with pytest.raises(InputTypeError, match="step: expected a non-negative int, got float 1.5"):
         tracker.end_epoch(1.5)
     with pytest.raises(InputTypeError, match="modes: expected a string, a list of strings or None, got 7"):
         tracker.end_epoch(1, 7)
     with pytest.raises(InputTypeError, match="epoch: expected an int or None"):
         tracker.end_epoch(1, epoch="2")
     assert tracker.end_epoch(np.int64(1))["eval"][0].mean == 1.0  # nothing was lost by the bad calls
+
+
+def test_negative_step_is_refused_before_any_sink_sees_it(tmp_path):
+    from labeltrack_log import InputTypeError
+    from labeltrack_log.history import StatsHistory as _History
+
+    tracker = Tracker("x", sinks={"type": "csv", "path": str(tmp_path / "s.csv")}, figures=None)
+    tracker.update([0], [1.0])
+    with pytest.raises(InputTypeError, match="step: expected a non-negative int, got int -1"):
+        tracker.end_epoch(step=-1)
+    tracker.end_epoch(step=5)  # the sink was not dropped: step 5 arrives
+    tracker.close()
+    assert _History.from_file(tmp_path / "s.csv").steps() == [5]

@@ -195,8 +195,11 @@ class ImageDirSink(Sink):
 
         path = self.directory / figure_file(name, mode, self._check_call(step))
         tmp = path.with_suffix(".png.tmp")
-        tmp.write_bytes(figure_to_png(figure, dpi=self.dpi))
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(figure_to_png(figure, dpi=self.dpi))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # only left if writing or renaming failed
         self.written.append(path)
         logger.info("saved figure to %s", path)
 
