@@ -13,19 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labeltrack_log import StatsHistory, StatsTable
+from labeltrack_log import StatsHistory
 from labeltrack_log.figures import BandFigure, band_figure, figure_to_png, figure_to_rgb, render_files
 from labeltrack_log.history import FILE_COLUMNS
 
+from tables import table  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+
 
 # ----------------------------------------------------------------- helpers
-def table(labels, mean, std=None, count=None, nonfinite=None) -> StatsTable:
-    mean = np.asarray(mean, dtype=float)
-    n = len(mean)
-    std = np.full(n, 0.1) if std is None else np.asarray(std, dtype=float)
-    count = np.full(n, 10) if count is None else np.asarray(count)
-    nonfinite = np.zeros(n, dtype=int) if nonfinite is None else np.asarray(nonfinite)
-    return StatsTable(labels, count, mean, std, mean - 2 * std, mean + 2 * std, nonfinite)
 
 
 def history_from(means: np.ndarray, steps=None, name="ce", mode="eval", std=None) -> StatsHistory:

@@ -14,17 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labeltrack_log import GroupedStats, StatsHistory, StatsTable
+from labeltrack_log import GroupedStats, StatsHistory
 from labeltrack_log.history import FILE_COLUMNS, natural_key
 
-
-def table(labels, mean, std=None, count=None, nonfinite=None) -> StatsTable:
-    mean = np.asarray(mean, dtype=float)
-    n = len(mean)
-    std = np.full(n, 0.1) if std is None else np.asarray(std, dtype=float)
-    count = np.full(n, 10) if count is None else np.asarray(count)
-    nonfinite = np.zeros(n, dtype=int) if nonfinite is None else np.asarray(nonfinite)
-    return StatsTable(labels, count, mean, std, mean - 2 * std, mean + 2 * std, nonfinite)
+from tables import table  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 
 # ------------------------------------------------------------------ basics
