@@ -8,7 +8,7 @@ artifact), ``create_run`` or ``end_run``. The spool is two files:
   ``seq`` (increasing within the file), ``kind``, ``tracking_uri``, ``experiment``, ``run_id``
   (``null`` while the run is not created yet) and ``sink_run`` (the tag that finds the run again).
   The file is never rewritten, only appended to, so a crash loses at most the line being written
-  (an incomplete last line is ignored with a warning).
+  (an incomplete line is ignored with a warning, and the next append starts on a new line).
 - ``<name>.jsonl.cursor``: small JSON ``{"delivered_seq": N, "run_id": "..."}`` replaced atomically
   after each delivered batch: every line with ``seq <= N`` has been delivered. Replays resume where
   they stopped.
@@ -40,6 +40,11 @@ import numpy as np
 
 from ..errors import ConfigError, missing_extra
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
 
@@ -59,6 +64,36 @@ class Spool:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.cursor_path = self.path.with_name(self.path.name + ".cursor")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    def lock(self) -> int | None:
+        """Take the spool's exclusive delivery lock (``<spool>.lock``) and return its file descriptor
+        (closing it, or the process ending, releases the lock; a child that inherits it holds it).
+        None where there is no ``fcntl`` (not POSIX). Raises BlockingIOError when it is held."""
+        if fcntl is None:  # pragma: no cover - not POSIX
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def busy(self) -> bool:
+        """Whether a delivery process holds the spool's lock right now."""
+        if fcntl is None or not self.lock_path.exists():  # pragma: no cover - not POSIX
+            return False
+        try:
+            with open(self.lock_path) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+        except BlockingIOError:
+            return True
+        except FileNotFoundError:
+            return False
+        return False
 
     def exists(self) -> bool:
         """Whether the spool file has been written."""
@@ -68,8 +103,10 @@ class Spool:
         """Append batches (dicts with a ``seq``) as JSON lines and flush them to the OS."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(op, allow_nan=False, separators=(",", ":")) + "\n" for op in ops)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
+        with open(self.path, "a+b") as f:
+            if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                text = "\n" + text  # an earlier write was cut short: keep that torn line apart
+            f.write(text.encode("utf-8"))
             f.flush()
 
     def read(self) -> list[dict[str, Any]]:
@@ -82,11 +119,9 @@ class Spool:
                 continue
             try:
                 ops.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i >= len(lines) - 2:  # the last line, cut short by a crash
-                    logger.warning("%s: ignoring an incomplete last line (%d characters)", self.path, len(line))
-                    continue
-                raise ValueError(f"{self.path}: line {i + 1}: expected a JSON object, got {line[:80]!r}") from None
+            except json.JSONDecodeError:  # a write cut short by a crash or a full disk
+                logger.warning("%s: line %d: ignoring an incomplete line (%d characters: %r...)", self.path, i + 1,
+                               len(line), line[:80])
         return ops
 
     def state(self) -> dict[str, Any]:
@@ -108,8 +143,8 @@ class Spool:
         os.replace(tmp, self.cursor_path)
 
     def remove(self) -> None:
-        """Delete the spool and its cursor (once everything in it is delivered)."""
-        for p in (self.path, self.cursor_path):
+        """Delete the spool, its cursor and lock file (once everything in it is delivered)."""
+        for p in (self.path, self.cursor_path, self.lock_path):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -297,7 +332,7 @@ def deliver(client: "MlflowClient", op: Mapping[str, Any], run_id: str, check: b
         if image is None:
             from PIL import Image
 
-            image = Image.open(io.BytesIO(base64.b64decode(op["png"])))
+            image = Image.open(io.BytesIO(base64.b64decode(op["png"]))).convert("RGB")
         client.log_image(run_id, image, key=op["key"], step=op["step"], timestamp=op["timestamp"], synchronous=True)
     elif kind == "text":
         client.log_text(run_id, op["text"], op["path"])  # overwrites: idempotent
@@ -342,11 +377,26 @@ def replay_spool(path: str | os.PathLike, tracking_uri: str | None = None) -> in
         ConnectionError: the server did not answer; the rest stays in the spool for a later replay.
     """
     import_mlflow()
-    from mlflow import MlflowClient
-
     spool = Spool(path)
     if not spool.exists():
         raise ConfigError(f"replay: expected an MLflowSink spool file, got {str(path)!r}, which does not exist")
+    try:
+        lock = spool.lock()
+    except BlockingIOError:
+        raise ConfigError(f"replay: {path} is being delivered right now by an MLflowSink delivery process (it "
+                          "stops within the sink's close_timeout after its training process ends): wait for it") from None
+    try:
+        return _replay(spool, tracking_uri)
+    finally:
+        if lock is not None:
+            spool.lock_path.unlink(missing_ok=True)
+            os.close(lock)
+
+
+def _replay(spool: Spool, tracking_uri: str | None) -> int:
+    from mlflow import MlflowClient
+
+    path = spool.path
     state, ops = spool.state(), spool.pending()
     if not ops:
         logger.info("%s: nothing left to replay", path)
