@@ -7,7 +7,8 @@ and the labels seen in that epoch's batches, the spool path of the MLflow sink, 
 just before the SIGKILL.
 
     python tests/crash_train.py RECORD --logdir DIR --tracking-uri URI --experiment NAME
-        [--timeout S] [--spool-dir DIR] [--kill-epoch N] [--epochs N] [--subsample N] [--figures N]
+        [--timeout S] [--spool-dir DIR] [--delivery auto|process|inline] [--close-timeout S]
+        [--kill-epoch N] [--epochs N] [--subsample N] [--figures N]
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--spool-dir", default=None)
+    parser.add_argument("--delivery", default="auto")
+    parser.add_argument("--close-timeout", type=float, default=60.0)
     parser.add_argument("--kill-epoch", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--subsample", type=int, default=300)
@@ -77,8 +80,9 @@ def main() -> None:
 
     record = Record(args.record)
     mlflow_sink = MLflowSink(tracking_uri=args.tracking_uri, experiment=args.experiment, timeout=args.timeout,
-                             spool_dir=args.spool_dir)
-    record.write(event="start", spool=str(mlflow_sink.spool.path), run_id=mlflow_sink.run_id)
+                             spool_dir=args.spool_dir, delivery=args.delivery, close_timeout=args.close_timeout)
+    run_id = mlflow_sink.run_id if mlflow_sink.delivery == "inline" else None  # process: created in the background
+    record.write(event="start", spool=str(mlflow_sink.spool.path), run_id=run_id)
     estimator, _ = fe_torch_digits.build_estimator(
         epochs=args.epochs, sinks=[TensorBoardSink(args.logdir), mlflow_sink], subsample=args.subsample,
         tracker_mode=["train", "eval"], figures=args.figures, extra_traces=[KillAtEpoch(args.kill_epoch, record)])

@@ -40,6 +40,7 @@ from test_mlflow_outage import Rest  # noqa: E402
 
 from labeltrack_log.naming import SUMMARY, STATS, figure_name, mlflow_key, tb_item_tag, tb_tag  # noqa: E402
 from labeltrack_log.sinks import AGGREGATES  # noqa: E402
+from labeltrack_log.sinks._spool import Spool  # noqa: E402
 
 NAME = "ce_by_digit"  # the tracker's output name in tests/crash_train.py (examples/fe_torch_digits.py)
 MODES = ("train", "eval")
@@ -61,12 +62,15 @@ class Crash:
     labels: dict[str, dict[str, list[int]]]  # mode -> label text -> steps of the epochs whose batches held it
 
 
-def crash_fit(tmp_path: Path, tracking_uri: str, experiment: str, spool_dir: Path, timeout: float = 5.0) -> Crash:
-    """Run tests/crash_train.py until it kills itself at the start of training epoch KILL_EPOCH."""
+def crash_fit(tmp_path: Path, tracking_uri: str, experiment: str, spool_dir: Path, delivery: str,
+              timeout: float = 5.0, close_timeout: float = 60.0) -> Crash:
+    """Run tests/crash_train.py until it kills itself at the start of training epoch KILL_EPOCH.
+    With process delivery, return once the orphaned delivery process has finished too."""
     cwd, record = tmp_path / "child", tmp_path / "record.jsonl"
     cwd.mkdir()
     argv = [sys.executable, str(HERE / "crash_train.py"), str(record), "--logdir", str(tmp_path / "runs"),
             "--tracking-uri", tracking_uri, "--experiment", experiment, "--timeout", str(timeout),
+            "--delivery", delivery, "--close-timeout", str(close_timeout),
             "--spool-dir", str(spool_dir), "--kill-epoch", str(KILL_EPOCH), "--epochs", str(KILL_EPOCH + 2),
             "--figures", str(FIGURES_EVERY), "--subsample", "300"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "3", "MPLBACKEND": "Agg"}
@@ -88,7 +92,9 @@ def crash_fit(tmp_path: Path, tracking_uri: str, experiment: str, spool_dir: Pat
         for label in e["labels"]:
             labels[e["mode"]].setdefault(str(label), []).append(e["step"])
     assert all(len(labels[mode]) >= 5 for mode in MODES)  # a multi-label check, not a one-label one
-    return Crash(tmp_path / "runs", Path(lines[0]["spool"]), lines[0]["run_id"], steps, figure_steps, labels)
+    spool = Spool(lines[0]["spool"])
+    wait_for(lambda: spool.busy(), lambda busy: not busy, "the delivery process to finish", close_timeout + 60)
+    return Crash(tmp_path / "runs", spool.path, lines[0]["run_id"], steps, figure_steps, labels)
 
 
 # ------------------------------------------------------------------- TensorBoard
@@ -223,9 +229,11 @@ def replay_cli(spool: Path, url: str) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------- tests
-def test_sigkill_keeps_completed_epochs_in_tensorboard_and_mlflow(tmp_path, mlflow_server, tensorboard_server):
+@pytest.mark.parametrize("delivery", ["process", "inline"])
+def test_sigkill_keeps_completed_epochs_in_tensorboard_and_mlflow(tmp_path, mlflow_server, tensorboard_server,
+                                                                 delivery):
     experiment = f"crash-{uuid.uuid4().hex[:8]}"
-    crash = crash_fit(tmp_path, mlflow_server.url, experiment, spool_dir=tmp_path / "spool")
+    crash = crash_fit(tmp_path, mlflow_server.url, experiment, spool_dir=tmp_path / "spool", delivery=delivery)
 
     tb = tb_from_server(tensorboard_server(crash.logdir).url, crash)  # what a user opening TensorBoard sees
     check_tensorboard(tb, crash)
@@ -233,21 +241,26 @@ def test_sigkill_keeps_completed_epochs_in_tensorboard_and_mlflow(tmp_path, mlfl
 
     rest = Rest(mlflow_server.url)
     (run,) = rest.runs_in(experiment)
-    assert run["info"]["status"] == "RUNNING"  # never closed: the honest state of a killed run
     run_id = run["info"]["run_id"]
-    assert run_id == crash.run_id
+    if delivery == "inline":
+        assert run["info"]["status"] == "RUNNING"  # never closed: the honest state of a killed run
+        assert run_id == crash.run_id
+    else:  # the delivery process outlived the training process, delivered everything and said so
+        assert run["info"]["status"] == "KILLED"
     check_same_as_tensorboard(rest_values(rest, run_id), tb[0], crash)
     assert rest_figure_steps(rest, run_id) == crash.figure_steps  # each figure drawn, once
     assert not crash.spool.exists()  # the server was up: everything went straight to it
 
 
-def test_sigkill_with_mlflow_down_leaves_completed_epochs_in_the_spool_for_replay(tmp_path, mlflow_server):
+@pytest.mark.parametrize("delivery", ["process", "inline"])
+def test_sigkill_with_mlflow_down_leaves_completed_epochs_in_the_spool_for_replay(tmp_path, mlflow_server, delivery):
     experiment = f"crash-down-{uuid.uuid4().hex[:8]}"
     spool_dir = tmp_path / "spool"
     with socket.socket() as held:  # bound, never listening: connections are refused for the whole run,
         held.bind(("127.0.0.1", 0))  # and no other server can take the port meanwhile
         down = f"http://127.0.0.1:{held.getsockname()[1]}"
-        crash = crash_fit(tmp_path, down, experiment, spool_dir=spool_dir, timeout=1)
+        crash = crash_fit(tmp_path, down, experiment, spool_dir=spool_dir, delivery=delivery, timeout=1,
+                          close_timeout=2)
     assert crash.run_id is None
 
     tb = tb_from_files(crash.logdir)

@@ -1,5 +1,7 @@
-"""MLflowSink when the server goes away: bounded calls, an in-order spool, exactly-once replay
-(in-process and with `labeltrack-log replay`), lost answers, a hung server, and four processes at once.
+"""MLflowSink with inline delivery (``delivery="inline"``: requests from the training process) when
+the server goes away: bounded calls, an in-order spool, exactly-once replay (in-process and with
+`labeltrack-log replay`), lost answers, a hung server; and four processes at once (default delivery).
+The same failures with process delivery (the default): tests/test_mlflow_delivery.py.
 
 Everything runs against real `mlflow server` processes (killed with SIGKILL for an outage), a real
 TCP proxy that drops chosen answers, and a real socket that never answers. No mocks, no sleeps."""
@@ -187,7 +189,7 @@ def test_outage_mid_training_every_value_arrives_exactly_once(tmp_path, caplog):
     try:
         rest = Rest(server.url)
         sink = MLflowSink(server.url, experiment="outage", timeout=TIMEOUT, retry_interval=0, label_budget=n_labels,
-                          spool_dir=tmp_path / "spool")
+                          spool_dir=tmp_path / "spool", delivery="inline")
 
         def log(step: int) -> None:
             assert timed(sink.log_stats, table(step, n_labels), step=step, name="ce", mode="train") < BOUND
@@ -217,7 +219,7 @@ def test_lost_answers_are_not_delivered_twice(mlflow_server):
     proxy = FaultyProxy(mlflow_server.port)
     rest = Rest(mlflow_server.url)
     try:
-        sink = MLflowSink(proxy.url, experiment="lost-answers", timeout=TIMEOUT, retry_interval=0)
+        sink = MLflowSink(proxy.url, experiment="lost-answers", timeout=TIMEOUT, retry_interval=0, delivery="inline")
         sink.log_stats(table(0, 4), step=0, name="ce", mode="train")
         proxy.drop = "/runs/set-tag"  # the last request of log_image: PNG and thumbnail are stored
         sink.log_figure(figure(1), step=1, name="ce_band", mode="train")
@@ -240,7 +242,7 @@ def test_run_created_when_the_server_comes_back(mlflow_server):
     experiment = f"late-in-process-{time.time_ns()}"
     try:
         proxy.down = True
-        sink = MLflowSink(proxy.url, experiment=experiment, timeout=TIMEOUT, retry_interval=0)
+        sink = MLflowSink(proxy.url, experiment=experiment, timeout=TIMEOUT, retry_interval=0, delivery="inline")
         assert sink.run_id is None
         for step in range(2):
             assert timed(sink.log_stats, table(step, 3), step=step, name="ce", mode="train") < BOUND
@@ -261,7 +263,7 @@ def test_a_rejected_batch_is_spooled_and_replayable_once_fixed(mlflow_server, ca
     from labeltrack_log.sinks.mlflow import replay_spool
 
     rest, client = Rest(mlflow_server.url), MlflowClient(mlflow_server.url)
-    sink = MLflowSink(mlflow_server.url, experiment="rejected", timeout=TIMEOUT, retry_interval=0)
+    sink = MLflowSink(mlflow_server.url, experiment="rejected", timeout=TIMEOUT, retry_interval=0, delivery="inline")
     sink.log_stats(table(0, 3), step=0, name="ce", mode="train")
     client.delete_run(sink.run_id)  # someone deletes the run mid-training: the server answers 400
     sink.log_stats(table(1, 3), step=1, name="ce", mode="train")  # does not raise
@@ -283,7 +285,8 @@ def test_hung_server_blocks_no_call_longer_than_the_timeout(tmp_path, caplog):
     try:
         url = f"http://127.0.0.1:{hung.getsockname()[1]}"
         start = time.monotonic()
-        sink = MLflowSink(url, experiment="hung", timeout=1, retry_interval=0, spool_dir=tmp_path / "spool")
+        sink = MLflowSink(url, experiment="hung", timeout=1, retry_interval=0, spool_dir=tmp_path / "spool",
+                          delivery="inline")
         assert time.monotonic() - start < 4  # one request, cut off after 1 s (MLflow's default: 120 s)
         for step in range(2):
             assert timed(sink.log_stats, table(step, 3), step=step, name="ce", mode="train") < 4
@@ -305,7 +308,8 @@ def test_server_down_from_the_start_then_replayed_by_the_cli(tmp_path, caplog):
     port = servers.free_port()
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
-    sink = MLflowSink(url, experiment="late", run_name="late-run", timeout=TIMEOUT, spool_dir=tmp_path / "spool")
+    sink = MLflowSink(url, experiment="late", run_name="late-run", timeout=TIMEOUT, spool_dir=tmp_path / "spool",
+                      delivery="inline")
     assert time.monotonic() - start < BOUND and sink.run_id is None
     for step in range(3):
         assert timed(sink.log_stats, table(step, 5), step=step, name="ce", mode="train") < BOUND
@@ -342,7 +346,7 @@ def test_replay_of_a_missing_spool_or_down_server_is_a_clear_cli_error(tmp_path)
     out = replay_cli(tmp_path / "nope.jsonl")
     assert out.returncode == 2 and "does not exist" in out.stderr
     sink = MLflowSink(f"http://127.0.0.1:{servers.free_port()}", experiment="x", timeout=TIMEOUT,
-                      spool_dir=tmp_path / "spool")
+                      spool_dir=tmp_path / "spool", delivery="inline")
     sink.close()
     out = replay_cli(sink.spool.path)
     assert out.returncode == 2 and "did not answer" in out.stderr and "2 batch(es) remain" in out.stderr
@@ -357,7 +361,7 @@ url, worker = sys.argv[1], int(sys.argv[2])
 with MLflowSink(url, experiment="concurrent", run_name=f"worker-{{worker}}", label_budget=60) as sink:
     for step in range(5):
         sink.log_stats(table(step, 60, offset=1000.0 * worker), step=step, name="ce", mode="train")
-print(sink.run_id, len(sink._backlog))
+print(sink.run_id, int(sink.spool.path.exists()))
 """
 
 

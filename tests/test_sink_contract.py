@@ -101,7 +101,8 @@ CASES = {
     "jsonl": Case(lambda root, **kw: JSONLSink(root / "stats.jsonl", **kw), jsonl_steps),
     "images": Case(lambda root, **kw: ImageDirSink(root / "images", **kw), image_steps),
     "tensorboard": Case(_tensorboard, tensorboard_steps),
-    "mlflow": Case(_mlflow, mlflow_steps),
+    "mlflow": Case(_mlflow, mlflow_steps),  # process delivery (the default)
+    "mlflow-inline": Case(lambda root, **kw: _mlflow(root, delivery="inline", **kw), mlflow_steps),
 }
 
 

@@ -81,10 +81,12 @@ def figure(seed: int):
 
 
 # ------------------------------------------------------------------------------ tests
-def test_values_and_steps_per_label_and_aggregates(mlflow_server):
+@pytest.mark.parametrize("delivery", ["process", "inline"])
+def test_values_and_steps_per_label_and_aggregates(mlflow_server, delivery):
     url, rng = mlflow_server.url, np.random.default_rng(0)
     data = {}
-    with MLflowSink(url, experiment="values", label_budget=300) as sink:
+    with MLflowSink(url, experiment="values", label_budget=300, delivery=delivery) as sink:
+        assert sink.delivery == delivery
         for step in (1, 2, 5):
             labels, values = rng.integers(0, 250, 5000), rng.normal(step, 1.0, 5000)
             values[:3] = np.nan  # counted as nonfinite, excluded from the statistics
@@ -141,7 +143,7 @@ def test_keys_for_unicode_and_path_like_labels(mlflow_server):
     # deterministic: another sink builds the same keys
     with MLflowSink(url, experiment="keys") as again:
         again.log_stats(table, step=3, name="loss by y", mode="train")
-        assert metric_keys(url, again.run_id) == keys
+    assert metric_keys(url, again.run_id) == keys
 
 
 def test_display_names_and_duplicate_display_names(mlflow_server):
@@ -295,23 +297,28 @@ def test_unknown_run_and_experiment_fail_at_construction(mlflow_server, tmp_path
         MLflowSink(mlflow_server.url, experiment="a", experiment_id="0")
     with pytest.raises(ConfigError, match="timeout: expected a positive number of seconds, got 0"):
         MLflowSink(mlflow_server.url, timeout=0)
+    with pytest.raises(ConfigError, match="delivery: expected one of 'auto', 'process', 'inline', got 'thread'"):
+        MLflowSink(mlflow_server.url, delivery="thread")
+    with pytest.raises(ConfigError, match="delivery='process' creates its own run.*got run_id='abc'"):
+        MLflowSink(mlflow_server.url, run_id="abc", delivery="process")
 
 
-def test_pickle_drops_the_client_and_logs_to_the_same_run(mlflow_server):
+@pytest.mark.parametrize("delivery", ["process", "inline"])
+def test_pickle_drops_the_client_and_logs_to_the_same_run(mlflow_server, delivery):
     url = mlflow_server.url
     g = GroupedStats()
     g.update([0], [1.0])
-    sink = MLflowSink(url, experiment="pickle")
+    sink = MLflowSink(url, experiment="pickle", delivery=delivery)
     sink.log_stats(g.compute(), step=0, name="ce", mode="train")
-    assert sink._client is not None
+    assert (sink._client is not None) == (delivery == "inline")  # process delivery: no client in this process
     copy = pickle.loads(pickle.dumps(sink))
-    assert copy._client is None and copy.run_id == sink.run_id
+    assert copy._client is None and copy.run_id == sink.run_id and copy.delivery == delivery
     g.update([0], [3.0])
     copy.log_stats(g.compute(), step=1, name="ce", mode="train")
     copy.close()
     assert get_run(url, sink.run_id)["info"]["status"] == "RUNNING"  # a copy never ends the run
     sink.close()
-    assert history(url, sink.run_id, "ce/train/0/mean") == [(0, 1.0), (1, 2.0)]
+    assert sorted(history(url, sink.run_id, "ce/train/0/mean")) == [(0, 1.0), (1, 2.0)]
     assert get_run(url, sink.run_id)["info"]["status"] == "FINISHED"
 
 

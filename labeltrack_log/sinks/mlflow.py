@@ -2,11 +2,18 @@
 
 Design, in short:
 
+- **MLflow out of the training process.** By default (``delivery="auto"``: a run the sink creates,
+  on POSIX) the sink never imports mlflow: batches are appended to its spool file and a delivery
+  child process sends them (:mod:`._delivery`). ``import mlflow`` and a fresh sqlite store cost a
+  training process ~2 s of CPU and ~200k objects that slow every later garbage collection; a slow or
+  dead server cannot stall a training step. ``delivery="inline"`` (always used to join an explicit
+  ``run_id``, an ``experiment_id`` or an active fluent run, which are checked when the sink is built)
+  sends from the training process, as described next.
 - **Own client, explicit run.** The sink holds its own ``MlflowClient(tracking_uri)`` and run id and
   never touches MLflow's fluent globals (no ``set_tracking_uri``/``set_experiment``/``start_run``).
 - **Batched.** One ``log_stats`` becomes requests of at most 1000 metrics each (the server's limit),
   keys from :func:`labeltrack_log.naming.mlflow_key`.
-- **Bounded, never raising, never losing data.** Every request runs synchronously with
+- **Bounded, never raising, never losing data.** Every inline request runs synchronously with
   ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` set to the time left of
   the call's budget (``timeout``, default 5 s). These two environment variables are set only while
   the sink's own request runs (under a process-wide lock) and restored afterwards: another thread
@@ -26,9 +33,12 @@ Values: NaN is logged as NaN (MLflow stores it; the UI leaves a gap). +/-inf is 
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import uuid
@@ -37,10 +47,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, missing_extra
 from ..grouping import StatsTable
 from ..naming import STATS, SUMMARY, image_key, mlflow_key, table_file
-from . import DEFAULT_LABEL_BUDGET, Sink
+from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
+from ._delivery import SUPPORTED as PROCESS_SUPPORTED
+from ._delivery import DeliveryProcess
 from ._spool import (Spool, check_uri, deliver, find_or_create_run, get_existing, http_limits, import_mlflow, is_http,
                      is_transient, png_b64, replay_spool, short_error)
 from .files import csv_text, tidy_rows
@@ -54,18 +66,23 @@ __all__ = ["MLflowSink", "replay_spool"]
 logger = logging.getLogger(__name__)
 
 MAX_METRICS_PER_REQUEST = 1000
+MAX_RESTARTS = 3  # of a delivery process that exited unexpectedly
+DELIVERIES = ("auto", "process", "inline")
 _STAT_KEYS = STATS + ("nonfinite",)
 
 
 def _resolve_uri(tracking_uri: str | None, mlflow: Any) -> str:
-    """The explicit URI, else the one the user set (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``),
+    """The explicit URI, else the one the user set (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``;
+    ``mlflow`` is None when it was not imported: then only the variable can be set),
     else ``sqlite:///<abs cwd>/mlflow.db``."""
     if tracking_uri is not None:
         if not isinstance(tracking_uri, str):
             raise ConfigError(f"tracking_uri: expected a str URI, got {type(tracking_uri).__name__} {tracking_uri!r}")
         return tracking_uri
-    if mlflow.tracking.is_tracking_uri_set():
+    if mlflow is not None and mlflow.tracking.is_tracking_uri_set():
         return mlflow.get_tracking_uri()
+    if mlflow is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve().as_posix()}"
 
 
@@ -101,6 +118,21 @@ class MLflowSink(Sink):
     created is ended by :meth:`close`: ``FINISHED``, or ``FAILED`` when the sink is used as a context
     manager and the block raises. A copy made by pickling shares the run but never ends it.
 
+    Delivery (``delivery``):
+
+    * ``"process"`` (what ``"auto"`` picks for a run the sink creates, on POSIX): the training
+      process never imports mlflow. Calls append to the spool file and return; a child process
+      (started with the sink) delivers in order, retrying a server that is down. :meth:`flush` does
+      not wait for the server; :meth:`close` waits until everything is delivered (at most
+      ``close_timeout``, then what is left stays in the spool for ``labeltrack-log replay``) and
+      :attr:`run_id` waits (at most ``timeout``) for the run to be created. Problems the child meets
+      (server down, a rejected batch) are logged by this sink's logger at the next call. If the
+      training process ends without :meth:`close` (killed, crashed, close forgotten), the child still
+      delivers every batch and marks the run ``KILLED``; a child that dies is restarted.
+    * ``"inline"`` (what ``"auto"`` picks for ``run_id``/``experiment_id``/an active run, and on
+      Windows): requests run in the calling thread, each call bounded by ``timeout``; batches a
+      server did not take are spooled and replayed by later calls.
+
     Args:
         tracking_uri: MLflow tracking URI. None: ``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``
             if set, else ``sqlite:///<abs cwd>/mlflow.db`` (passed explicitly, not set globally).
@@ -110,15 +142,20 @@ class MLflowSink(Sink):
         experiment_id: Existing experiment id for a new run, instead of ``experiment``.
         label_budget: Labels with their own metrics (see :class:`~labeltrack_log.sinks.Sink`).
         label_names: Label value -> display name.
-        timeout: Longest time, in seconds, one call waits on an unreachable or slow server (each
-            request gets what is left of it, rounded up to whole seconds); then it spools.
-        retry_interval: After a failure, calls spool without contacting the server for this long.
-        close_timeout: Time :meth:`close` may spend replaying a backlog to a server that answers.
-        spool_dir: Directory for spool files (created only when needed; default ``./labeltrack-spool``).
+        timeout: Longest time, in seconds, one request (inline: one call) waits on an unreachable
+            or slow server (rounded up to whole seconds); then the batch stays spooled.
+        retry_interval: After a failure, no request is tried for this long (inline: calls spool
+            without contacting the server; process: the child's pause between probes).
+        close_timeout: Time :meth:`close` may spend delivering what is left to a server that answers.
+        spool_dir: Directory for spool files (default ``./labeltrack-spool``; with inline delivery
+            created only when needed; a fully delivered spool is removed, with the directory if empty).
+        delivery: ``"auto"`` (default), ``"process"`` or ``"inline"`` (see above).
 
     Raises:
         ConfigError: malformed tracking URI; unknown ``run_id`` or ``experiment_id``; a local store
-            that cannot be opened. (A well-formed http URI whose server is down is not an error.)
+            that cannot be opened; a spool directory that cannot be written; ``delivery="process"``
+            with ``run_id``/``experiment_id``. (A well-formed http URI whose server is down is not an
+            error.)
         MissingExtraError: mlflow is not installed.
 
     Example:
@@ -133,9 +170,10 @@ class MLflowSink(Sink):
                  run_name: str | None = None, *, experiment_id: str | None = None,
                  label_budget: int = DEFAULT_LABEL_BUDGET, label_names: Mapping[Any, str] | None = None,
                  timeout: float = 5.0, retry_interval: float = 10.0, close_timeout: float = 60.0,
-                 spool_dir: str | os.PathLike | None = None) -> None:
+                 spool_dir: str | os.PathLike | None = None, delivery: str = "auto") -> None:
         super().__init__(label_budget=label_budget, label_names=label_names)
-        mlflow = import_mlflow()
+        if delivery not in DELIVERIES:
+            raise ConfigError(f"delivery: expected one of {', '.join(map(repr, DELIVERIES))}, got {delivery!r}")
         self.timeout = _positive(timeout, "timeout")
         self.retry_interval = _positive(retry_interval, "retry_interval", allow_zero=True)
         self.close_timeout = _positive(close_timeout, "close_timeout")
@@ -148,8 +186,26 @@ class MLflowSink(Sink):
         if experiment is None and experiment_id is None:
             experiment, experiment_id = os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
         self.experiment, self.experiment_id, self.run_name = experiment, experiment_id, run_name
+        self.sink_run = uuid.uuid4().hex  # tags a run this sink creates, so a retried create finds it
+        self.spool_dir = Path(spool_dir if spool_dir is not None else "labeltrack-spool").resolve()
+        self._seq = 0
+        self._last_ms = 0
+        self._keys: dict[tuple[str, str, str], tuple[str, ...]] = {}  # (name, mode, label text) -> keys (a cache)
+        self.end_status = "FINISHED"
 
-        active = mlflow.active_run() if run_id is None else None
+        loaded = sys.modules.get("mlflow")  # imported by the user: a fluent run or URI may be set
+        active = loaded.active_run() if loaded is not None and run_id is None and delivery != "process" else None
+        if delivery == "process" and (run_id is not None or experiment_id is not None or not PROCESS_SUPPORTED):
+            why = ("needs a POSIX system" if not PROCESS_SUPPORTED else
+                   f"creates its own run in an experiment given by name, got run_id={run_id!r}, "
+                   f"experiment_id={experiment_id!r} (use delivery='auto' or 'inline': those are checked in this process)")
+            raise ConfigError(f"delivery='process' {why}")
+        if delivery == "process" or (delivery == "auto" and PROCESS_SUPPORTED and run_id is None
+                                     and experiment_id is None and active is None):
+            self._init_process(tracking_uri, loaded, run_name)
+            return
+        self.delivery = "inline"
+        mlflow = import_mlflow()
         self.tracking_uri = _resolve_uri(tracking_uri, mlflow)
         if active is not None and (tracking_uri is None or _same_uri(tracking_uri, mlflow.get_tracking_uri())):
             self.tracking_uri, run_id = mlflow.get_tracking_uri(), active.info.run_id
@@ -159,26 +215,37 @@ class MLflowSink(Sink):
             active = None
         check_uri(self.tracking_uri)
 
-        self.sink_run = uuid.uuid4().hex  # tags a run this sink creates, so a retried create finds it
-        self.spool_dir = Path(spool_dir if spool_dir is not None else "labeltrack-spool").resolve()
         self._init_runtime()
-        self.run_id: str | None = run_id
+        self._run_id: str | None = run_id
         self.owns_run = False
-        self.end_status = "FINISHED"
-        self._seq = 0
-        self._last_ms = 0
-        self._keys: dict[tuple[str, str, str], tuple[str, ...]] = {}  # (name, mode, label text) -> keys (a cache)
         if run_id is not None:
             if active is None:
                 self._construct(lambda: self._verify_run(run_id), f"checking run_id {run_id!r}")
         else:
             create = self._op("create_run", run_name=run_name)
             self.owns_run = True
-            if self._construct(lambda: setattr(self, "run_id", find_or_create_run(self.client, create, False)),
+            if self._construct(lambda: setattr(self, "_run_id", find_or_create_run(self.client, create, False)),
                                "creating the run") is False:
                 self._to_spool([create])
 
+    def _init_process(self, tracking_uri: str | None, loaded: Any, run_name: str | None) -> None:
+        """Process delivery: check what can be checked without mlflow, journal the run's creation
+        and start the delivery process (see :mod:`._delivery`)."""
+        if importlib.util.find_spec("mlflow") is None:
+            raise missing_extra("mlflow", "mlflow", "MLflowSink")
+        self.delivery = "process"
+        self.tracking_uri = _resolve_uri(tracking_uri, loaded)
+        check_uri(self.tracking_uri)
+        ensure_writable_dir(self.spool_dir, "spool_dir")
+        self._init_runtime()
+        self._run_id = None
+        self.owns_run = True
+        self._journal([self._op("create_run", run_name=run_name, owned=True)])
+        self._ensure_process()
+
     def _init_runtime(self) -> None:
+        self._process: DeliveryProcess | None = None
+        self._gave_up = False
         self._client: "MlflowClient | None" = None
         self._lock = threading.RLock()
         self._backlog: list[dict[str, Any]] = []
@@ -186,6 +253,17 @@ class MLflowSink(Sink):
         self._broken: str | None = None
         self._outage = False
         self.spool = Spool(self.spool_dir / f"mlflow-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl")
+
+    @property
+    def run_id(self) -> str | None:
+        """The id of the run the sink logs to; None while it is not created (server down).
+
+        With process delivery the delivery process creates the run: reading this waits, up to
+        ``timeout`` seconds, until it has reported the id."""
+        if self._run_id is None and self._process is not None:
+            with self._lock:
+                self._process.wait_for(lambda: self._run_id is not None, self.timeout)
+        return self._run_id
 
     @property
     def client(self) -> "MlflowClient":
@@ -230,7 +308,7 @@ class MLflowSink(Sink):
 
     def _op(self, kind: str, **fields: Any) -> dict[str, Any]:
         op = {"seq": self._seq, "kind": kind, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
-              "experiment_id": self.experiment_id, "run_id": self.run_id, "sink_run": self.sink_run,
+              "experiment_id": self.experiment_id, "run_id": self._run_id, "sink_run": self.sink_run,
               "time": self._now_ms(), **fields}
         self._seq += 1
         return op
@@ -276,9 +354,9 @@ class MLflowSink(Sink):
         try:
             with http_limits(self.tracking_uri, min(left, self.timeout)):
                 if op["kind"] == "create_run":
-                    self.run_id = find_or_create_run(self.client, op, search=check)
+                    self._run_id = find_or_create_run(self.client, op, search=check)
                 else:
-                    deliver(self.client, op, self.run_id, check)
+                    deliver(self.client, op, self._run_id, check)
             return True
         except Exception as err:
             if is_transient(err):
@@ -309,7 +387,7 @@ class MLflowSink(Sink):
             self._backlog.pop(0)
             done += 1
             try:
-                self.spool.advance(op["seq"], self.run_id)
+                self.spool.advance(op["seq"], self._run_id)
             except OSError as err:  # harmless: a replay looks each batch up before sending it
                 logger.warning("could not update the spool cursor %s: %s", self.spool.cursor_path, err)
         logger.info("MLflow server at %s answers again: delivered %d spooled batch(es)", self.tracking_uri, done)
@@ -320,11 +398,12 @@ class MLflowSink(Sink):
             logger.warning("could not remove the delivered spool %s: %s", self.spool.path, err)
         return True
 
-    def _to_spool(self, ops: list[dict[str, Any]]) -> None:
+    def _journal(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append ``ops`` to the spool as JSON lines; returns the lines ([] when the disk failed)."""
         lines = []
         for op in ops:
             line = {k: v for k, v in op.items() if not k.startswith("_")}
-            line["run_id"] = line["run_id"] or self.run_id
+            line["run_id"] = line["run_id"] or self._run_id
             if "_rgb" in op:
                 line["png"] = png_b64(op["_rgb"])
             if op["kind"] == "metrics":
@@ -335,17 +414,66 @@ class MLflowSink(Sink):
         except Exception as err:  # the disk is the last resort: say loudly what is lost
             logger.error("could not write %d MLflow batch(es) to the spool %s (%s): they are lost", len(ops),
                          self.spool.path, err)
-            return
-        self._backlog.extend(lines)
+            return []
+        return lines
+
+    def _to_spool(self, ops: list[dict[str, Any]]) -> None:
+        self._backlog.extend(self._journal(ops))
+
+    # ---------------------------------------------------------- process delivery
+    def _on_report(self, report: dict[str, Any]) -> None:
+        """A report from the delivery process (see :mod:`._delivery`)."""
+        if report.get("run_id"):
+            self._run_id = report["run_id"]
+        if "msg" in report:
+            logger.log(int(report.get("level", logging.WARNING)), "%s", report["msg"])
+
+    def _ensure_process(self) -> bool:
+        """Start the delivery process, or restart one that exited unexpectedly; False when there is
+        none (it could not be started, or gave up after MAX_RESTARTS): batches then stay in the spool."""
+        proc = self._process
+        if proc is not None and proc.alive():
+            return True
+        if self._gave_up:
+            return False
+        restarts = 0
+        if proc is not None:
+            proc.poll()
+            restarts = proc.restarts + 1
+            if restarts > MAX_RESTARTS:
+                self._gave_up = True
+                logger.error("the MLflow delivery process exited unexpectedly %d times (exit code %s); batches stay "
+                             "in %s: run labeltrack-log replay %s", restarts, proc.proc.returncode, self.spool.path,
+                             self.spool.path)
+                return False
+            logger.error("the MLflow delivery process exited unexpectedly (exit code %s; see its messages above); "
+                         "restarting it: every batch is kept in %s", proc.proc.returncode, self.spool.path)
+        proc = DeliveryProcess(self.spool, timeout=self.timeout, retry_interval=self.retry_interval,
+                               close_timeout=self.close_timeout, on_report=self._on_report)
+        proc.restarts = restarts
+        try:
+            proc.start()
+        except OSError as err:
+            self._gave_up = True
+            logger.error("could not start the MLflow delivery process (%s); batches stay in %s: run "
+                         "labeltrack-log replay %s", err, self.spool.path, self.spool.path)
+            return False
+        self._process = proc
+        return True
 
     def _submit(self, ops: list[dict[str, Any]], deadline: float | None = None, force: bool = False) -> None:
         with self._lock:
-            if deadline is None:
-                deadline = time.monotonic() + self.timeout
-            if self.run_id is None and not self._backlog:  # a pickled copy whose run was not created yet
-                ops.insert(0, self._op("create_run", run_name=self.run_name))
+            if self._run_id is None and not self._backlog and self._process is None:
+                # a pickled copy whose run was not created yet: find it by its tag (or create it)
+                ops.insert(0, self._op("create_run", run_name=self.run_name, owned=False))
                 for op in ops:  # keep seq in line order
                     op["seq"], self._seq = self._seq, self._seq + 1
+            if self.delivery == "process":
+                if self._journal(ops) and self._ensure_process():
+                    self._process.nudge()
+                return
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
             if not self._drain(deadline, force):
                 self._to_spool(ops)
                 return
@@ -363,21 +491,36 @@ class MLflowSink(Sink):
         self._submit(ops)
 
     def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
-        """Log ``figure`` with ``client.log_image`` (key ``<name>/<mode>/figure``) at ``step``."""
+        """Log ``figure`` with ``client.log_image`` (key ``<name>/<mode>/figure``) at ``step``; never
+        raises on server trouble."""
         from ..figures import figure_to_rgb
 
         step = self._check_call(step)
-        rgb = figure_to_rgb(figure)
+        if self.delivery == "process":
+            from ..figures import figure_to_png
+
+            image = {"png": base64.b64encode(figure_to_png(figure)).decode("ascii")}
+        else:
+            image = {"_rgb": figure_to_rgb(figure)}
         with self._lock:
-            op = self._op("image", key=image_key(name, mode, "figure"), step=step, timestamp=self._now_ms(), _rgb=rgb)
+            op = self._op("image", key=image_key(name, mode, "figure"), step=step, timestamp=self._now_ms(), **image)
         self._submit([op])
 
     def flush(self) -> None:
-        """Replay spooled batches now (within ``timeout``) if there are any."""
+        """Inline delivery: replay spooled batches now (within ``timeout``) if there are any.
+        Process delivery: hand the delivery process what was logged (it is already in the spool
+        file) and log its reports; does not wait for the server."""
         with self._lock:
+            if self.delivery == "process":
+                if self._process is not None and self._ensure_process():
+                    self._process.nudge()
+                return
             self._drain(time.monotonic() + self.timeout, force=True)
 
     def _close(self) -> None:
+        if self.delivery == "process":
+            self._close_process()
+            return
         with self._lock:
             deadline = time.monotonic() + self.close_timeout
             if self.owns_run:
@@ -387,8 +530,25 @@ class MLflowSink(Sink):
             if self._backlog:
                 logger.warning("MLflowSink: %d batch(es) for run %s could not be delivered to %s and are kept in %s. "
                                "Replay them when the server is back with: labeltrack-log replay %s",
-                               len(self._backlog), self.run_id or "(not created yet)", self.tracking_uri,
+                               len(self._backlog), self._run_id or "(not created yet)", self.tracking_uri,
                                self.spool.path, self.spool.path)
+
+    def _close_process(self) -> None:
+        with self._lock:
+            if self.owns_run:
+                self._journal([self._op("end_run", status=self.end_status)])
+            if self._process is None and not self.spool.exists():
+                return  # a copy that never logged anything
+            if not self._ensure_process():
+                return
+            if not self._process.finish():
+                logger.warning("MLflowSink: the delivery process did not finish within close_timeout=%ss and was "
+                               "stopped; what it did not deliver is kept in %s: labeltrack-log replay %s",
+                               self.close_timeout, self.spool.path, self.spool.path)
+            try:
+                self.spool_dir.rmdir()  # only when empty: nothing was left behind
+            except OSError:
+                pass
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         if exc_type is not None:
@@ -397,7 +557,9 @@ class MLflowSink(Sink):
 
     # ------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_client", "_lock", "_backlog", "spool")}
+        self.run_id  # noqa: B018 - with process delivery: wait for the run, which the copy joins
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_client", "_lock", "_backlog", "spool", "_process", "_gave_up")}
         state["owns_run"] = False  # the original ends the run it created
         return state
 
@@ -406,5 +568,5 @@ class MLflowSink(Sink):
         self._init_runtime()  # a fresh client (lazily), lock and spool file
 
     def __repr__(self) -> str:
-        return (f"MLflowSink(tracking_uri={self.tracking_uri!r}, run_id={self.run_id!r}, "
+        return (f"MLflowSink(tracking_uri={self.tracking_uri!r}, run_id={self._run_id!r}, delivery={self.delivery!r}, "
                 f"label_budget={self.label_budget})")
