@@ -5,7 +5,9 @@ tracker's arguments at FE's defaults (mode "eval", bounds "std"; change them wit
 
 * ours: ``labeltrack_log.fastestimator.LabelTracker`` with TensorBoard + MLflow sinks (a sqlite
   store in the output directory: a new one in each fresh process; in this process, created by the
-  cold fit and reused by the warm ones) and the band figure(s) at the end;
+  cold fit and reused by the warm ones) and the band figure(s) at the end. The MLflow sink runs with
+  its default delivery (a delivery process: the training process never imports mlflow; the fit
+  includes ``close()`` waiting until everything is delivered);
 * FE:   ``fastestimator.trace.xai.LabelTracker`` + ``ImageSaver`` on its output (FE's way to see
   the graph: a plotly/kaleido PNG).
 
@@ -14,7 +16,8 @@ Three comparisons, printed one after the other:
 * **cold, fresh processes** (the one that matters: a user runs one fit per script): each side's fit
   runs in its own new Python process, started as ``python bench_fe_trace.py --cold-child ours|fe``
   in a fresh, empty output directory (so ours creates a new ``mlflow.db``: MLflow's import and the
-  schema migrations are paid; FE pays the start of plotly's kaleido exporter). Sides alternate
+  schema migrations are paid, by the delivery process, on the other core; FE pays the start of
+  plotly's kaleido exporter). Sides alternate
   (ours first, then FE first, ...) ``--cold-runs`` times each; medians are compared. Printed per
   process: the wall time from starting the process to its exit (interpreter, imports, the fit,
   exit), and inside it the time to build the estimator and ``fit()``, [inside the traces] and
