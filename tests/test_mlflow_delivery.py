@@ -256,3 +256,17 @@ def test_a_torn_spool_line_is_skipped_and_the_batches_around_it_arrive(mlflow_se
     assert "skipping a corrupt line" in messages(caplog, logging.ERROR)
     assert_exactly_once(rest, sink.run_id, [0, 1], 3)
     assert rest.run(sink.run_id)["info"]["status"] == "FINISHED"
+
+
+def test_no_delivery_process_means_inline_delivery_not_lost_batches(mlflow_server, caplog, monkeypatch, tmp_path):
+    rest = Rest(mlflow_server.url)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))  # the child cannot be started
+    sink = MLflowSink(mlflow_server.url, experiment="no-child", timeout=TIMEOUT, delivery="process")
+    assert sink.delivery == "inline"  # switched, with the run's creation as its backlog
+    assert "could not start the MLflow delivery process" in messages(caplog, logging.ERROR)
+    for step in range(2):
+        sink.log_stats(table(step, 4), step=step, name="ce", mode="train")
+    sink.close()
+    assert_exactly_once(rest, sink.run_id, [0, 1], 4)
+    assert rest.run(sink.run_id)["info"]["status"] == "FINISHED"
+    assert not sink.spool.path.exists()

@@ -128,7 +128,9 @@ class MLflowSink(Sink):
       :attr:`run_id` waits (at most ``timeout``) for the run to be created. Problems the child meets
       (server down, a rejected batch) are logged by this sink's logger at the next call. If the
       training process ends without :meth:`close` (killed, crashed, close forgotten), the child still
-      delivers every batch and marks the run ``KILLED``; a child that dies is restarted.
+      delivers every batch and marks the run ``KILLED``; a child that dies is restarted (when none can
+      be started, or one died ``MAX_RESTARTS`` times, the sink switches to inline delivery, with
+      the undelivered batches as its backlog).
     * ``"inline"`` (what ``"auto"`` picks for ``run_id``/``experiment_id``/an active run, and on
       Windows): requests run in the calling thread, each call bounded by ``timeout``; batches a
       server did not take are spooled and replayed by later calls.
@@ -245,7 +247,6 @@ class MLflowSink(Sink):
 
     def _init_runtime(self) -> None:
         self._process: DeliveryProcess | None = None
-        self._gave_up = False
         self._client: "MlflowClient | None" = None
         self._lock = threading.RLock()
         self._backlog: list[dict[str, Any]] = []
@@ -429,22 +430,19 @@ class MLflowSink(Sink):
             logger.log(int(report.get("level", logging.WARNING)), "%s", report["msg"])
 
     def _ensure_process(self) -> bool:
-        """Start the delivery process, or restart one that exited unexpectedly; False when there is
-        none (it could not be started, or gave up after MAX_RESTARTS): batches then stay in the spool."""
+        """Start the delivery process, or restart one that exited unexpectedly. False when that is
+        not possible (it cannot be started, or it died MAX_RESTARTS times): the sink then switches to
+        inline delivery, with the spool's undelivered batches as its backlog."""
         proc = self._process
         if proc is not None and proc.alive():
             return True
-        if self._gave_up:
-            return False
         restarts = 0
         if proc is not None:
             proc.poll()
             restarts = proc.restarts + 1
             if restarts > MAX_RESTARTS:
-                self._gave_up = True
-                logger.error("the MLflow delivery process exited unexpectedly %d times (exit code %s); batches stay "
-                             "in %s: run labeltrack-log replay %s", restarts, proc.proc.returncode, self.spool.path,
-                             self.spool.path)
+                self._to_inline(f"the MLflow delivery process exited unexpectedly {restarts} times (exit code "
+                                f"{proc.proc.returncode}; see its messages above)")
                 return False
             logger.error("the MLflow delivery process exited unexpectedly (exit code %s; see its messages above); "
                          "restarting it: every batch is kept in %s", proc.proc.returncode, self.spool.path)
@@ -454,12 +452,23 @@ class MLflowSink(Sink):
         try:
             proc.start()
         except OSError as err:
-            self._gave_up = True
-            logger.error("could not start the MLflow delivery process (%s); batches stay in %s: run "
-                         "labeltrack-log replay %s", err, self.spool.path, self.spool.path)
+            self._to_inline(f"could not start the MLflow delivery process ({type(err).__name__}: {err})")
             return False
         self._process = proc
         return True
+
+    def _to_inline(self, why: str) -> None:
+        logger.error("%s; delivering from the training process instead (the batches not delivered yet are in %s)",
+                     why, self.spool.path)
+        self.delivery, self._process = "inline", None
+        self._retry_at = 0.0
+        try:
+            self._run_id = self._run_id or self.spool.state().get("run_id")
+            self._backlog = self.spool.pending() if self.spool.exists() else []
+        except (OSError, ValueError) as err:
+            logger.error("could not read the spool %s (%s): run labeltrack-log replay %s", self.spool.path, err,
+                         self.spool.path)
+            self._backlog = []
 
     def _submit(self, ops: list[dict[str, Any]], deadline: float | None = None, force: bool = False) -> None:
         with self._lock:
@@ -469,8 +478,12 @@ class MLflowSink(Sink):
                 for op in ops:  # keep seq in line order
                     op["seq"], self._seq = self._seq, self._seq + 1
             if self.delivery == "process":
-                if self._journal(ops) and self._ensure_process():
+                if not self._journal(ops):
+                    return
+                if self._ensure_process():
                     self._process.nudge()
+                    return
+                self._drain(time.monotonic() + self.timeout, force=False)  # switched to inline: ops are in the backlog
                 return
             if deadline is None:
                 deadline = time.monotonic() + self.timeout
@@ -527,11 +540,14 @@ class MLflowSink(Sink):
                 self._submit([self._op("end_run", status=self.end_status)], deadline, force=True)
             else:
                 self._drain(deadline, force=True)
-            if self._backlog:
-                logger.warning("MLflowSink: %d batch(es) for run %s could not be delivered to %s and are kept in %s. "
-                               "Replay them when the server is back with: labeltrack-log replay %s",
-                               len(self._backlog), self._run_id or "(not created yet)", self.tracking_uri,
-                               self.spool.path, self.spool.path)
+            self._warn_backlog()
+
+    def _warn_backlog(self) -> None:
+        if self._backlog:
+            logger.warning("MLflowSink: %d batch(es) for run %s could not be delivered to %s and are kept in %s. "
+                           "Replay them when the server is back with: labeltrack-log replay %s",
+                           len(self._backlog), self._run_id or "(not created yet)", self.tracking_uri,
+                           self.spool.path, self.spool.path)
 
     def _close_process(self) -> None:
         with self._lock:
@@ -539,7 +555,9 @@ class MLflowSink(Sink):
                 self._journal([self._op("end_run", status=self.end_status)])
             if self._process is None and not self.spool.exists():
                 return  # a copy that never logged anything
-            if not self._ensure_process():
+            if not self._ensure_process():  # switched to inline: the backlog ends with the end of run
+                self._drain(time.monotonic() + self.close_timeout, force=True)
+                self._warn_backlog()
                 return
             if not self._process.finish():
                 logger.warning("MLflowSink: the delivery process did not finish within close_timeout=%ss and was "
@@ -559,7 +577,7 @@ class MLflowSink(Sink):
     def __getstate__(self) -> dict[str, Any]:
         self.run_id  # noqa: B018 - with process delivery: wait for the run, which the copy joins
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_client", "_lock", "_backlog", "spool", "_process", "_gave_up")}
+                 if k not in ("_client", "_lock", "_backlog", "spool", "_process")}
         state["owns_run"] = False  # the original ends the run it created
         return state
 
