@@ -23,6 +23,31 @@ def test_torch_tensors_any_dtype_and_device_free():
     assert t[1].count == 4 and t[1].mean == 3.0 and t[1].min == 0.0 and t[1].max == 6.0
 
 
+def test_cuda_tensors_give_the_numbers_of_their_cpu_copies():
+    """Runs where a CUDA device exists (the project's GPU check); skipped elsewhere."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gen = torch.Generator().manual_seed(3)
+    on_gpu, on_cpu = GroupedStats(), GroupedStats()
+    for i in range(20):
+        labels = torch.randint(0, 37, (257,), generator=gen)
+        values = torch.rand(257, generator=gen) * 10 - 5
+        values[i] = float("nan") if i % 3 == 0 else values[i]
+        gpu_values = values.cuda().requires_grad_(True) * 1.0  # a loss still attached to its graph
+        if i % 4 == 1:
+            gpu_values = gpu_values.to(torch.bfloat16)  # mixed-precision training hands these
+            values = values.to(torch.bfloat16).float()
+        gpu_labels = labels.cuda() if i % 2 else labels.cuda().float()  # float labels, as in FE's tests
+        on_gpu.update(gpu_labels, gpu_values)
+        on_cpu.update(labels.numpy(), values.detach().numpy())
+    a, b = on_gpu.compute(), on_cpu.compute()
+    assert a.labels.tolist() == b.labels.tolist() and a.count.tolist() == b.count.tolist()
+    assert a.nonfinite.tolist() == b.nonfinite.tolist() and a.nonfinite.sum() == 7
+    for col in ("mean", "std", "min", "max"):
+        np.testing.assert_allclose(getattr(a, col), getattr(b, col), rtol=1e-12, atol=1e-12)
+
+
 def test_tf_tensors():
     tf = pytest.importorskip("tensorflow")
     g = GroupedStats()
