@@ -270,3 +270,24 @@ def test_no_delivery_process_means_inline_delivery_not_lost_batches(mlflow_serve
     assert_exactly_once(rest, sink.run_id, [0, 1], 4)
     assert rest.run(sink.run_id)["info"]["status"] == "FINISHED"
     assert not sink.spool.path.exists()
+
+
+def test_a_long_run_spool_is_rotated_once_delivered(mlflow_server, monkeypatch):
+    import labeltrack_log.sinks.mlflow as module
+
+    monkeypatch.setattr(module, "ROTATE_BYTES", 4000)  # a few steps per spool file
+    rest = Rest(mlflow_server.url)
+    sink = MLflowSink(mlflow_server.url, experiment="rotate", timeout=TIMEOUT, retry_interval=0.1)
+    files = []
+    for step in range(12):
+        sink.log_stats(table(step, 8), step=step, name="ce", mode="train")
+        files.append(sink.spool.path)
+        run_id = sink.run_id
+        wait_until(lambda: len(rest.history(run_id, "ce/train/0/mean")) == step + 1, what=f"step {step}")
+    assert len(set(files)) >= 3  # rotated, every time only once everything in the old file was stored
+    wait_until(lambda: sum(p.exists() for p in set(files)) == 1, what="the delivered files to be removed")
+    assert files[-1].exists() and files[-1].stat().st_size < 2 * 4000 + 4000  # bounded, not the whole run
+    sink.close()
+    assert not any(p.exists() for p in set(files)) and not sink.spool_dir.exists()
+    assert_exactly_once(rest, run_id, list(range(12)), 8)
+    assert rest.run(run_id)["info"]["status"] == "FINISHED"

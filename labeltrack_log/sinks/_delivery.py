@@ -13,6 +13,8 @@ priority (nice +10), and the training process's garbage collections do not walk 
 Parent -> child, on the child's stdin, one line each:
 
 * an empty line: new batches were appended to the spool;
+* ``next <path>``: the spool, fully delivered (the parent checked the cursor), has grown past
+  ``ROTATE_BYTES``; later batches go to ``<path>``: remove the old file and follow the new one;
 * ``close``: the sink is closing: deliver the rest (within ``close_timeout``) and exit;
 * end of file without ``close``: the training process is gone (killed, crashed, or it exited
   without closing the sink): deliver the rest (within ``close_timeout``), mark the run the sink
@@ -113,6 +115,10 @@ class DeliveryProcess:
         self.poll()
         return self.alive() and self._send(b"\n")
 
+    def rotate(self, path: Path) -> bool:
+        """Tell the child that later batches go to ``path`` (see the module docstring)."""
+        return self.alive() and self._send(f"next {path}\n".encode())
+
     def poll(self) -> None:
         """Hand every report the child has sent so far to ``on_report`` (never blocks)."""
         if self.proc is None:
@@ -186,6 +192,7 @@ class _Child:
         self.client: Any = None
         self.uri: str | None = None
         self.owned = False  # the spool creates the run: ours to end (KILLED when the parent vanished)
+        self.next_paths: deque[str] = deque()  # spool files announced by "next", in order
         self.outage = False
         self.broken: str | None = None
 
@@ -288,6 +295,9 @@ class _Child:
         while True:
             self.read_new()
             idle = self.deliver_pending(deadline)
+            while idle and self.next_paths:  # the old file is delivered: follow the next one
+                self.switch(self.next_paths.popleft())
+                idle = self.deliver_pending(deadline)
             now = time.monotonic()
             if ending and (idle or self.broken or now >= deadline):
                 break
@@ -299,7 +309,9 @@ class _Child:
             except queue.Empty:
                 continue
             while True:  # take every message that is already there
-                if message == "close" or (message is None and ending is None):
+                if message and message.startswith("next "):
+                    self.next_paths.append(message[len("next "):])
+                elif message == "close" or (message is None and ending is None):
                     ending = ending or ("close" if message == "close" else "gone")
                     deadline = time.monotonic() + self.close_timeout
                 try:
@@ -307,6 +319,16 @@ class _Child:
                 except queue.Empty:
                     break
         return self.finish(ending)
+
+    def switch(self, path: str) -> None:
+        """Remove the delivered spool file and follow ``path`` from its start."""
+        self.spool.remove()
+        self.spool, self.offset = Spool(path), 0
+        try:
+            self.spool.lock()  # held until this process exits, like the first one
+        except OSError:
+            pass
+        self.read_new()
 
     def finish(self, ending: str) -> int:
         self.read_new()

@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 MAX_METRICS_PER_REQUEST = 1000
 MAX_RESTARTS = 3  # of a delivery process that exited unexpectedly
+ROTATE_BYTES = 16 << 20  # process delivery: a delivered spool file past this size is replaced by a new one
 DELIVERIES = ("auto", "process", "inline")
 _STAT_KEYS = STATS + ("nonfinite",)
 
@@ -121,7 +122,8 @@ class MLflowSink(Sink):
     Delivery (``delivery``):
 
     * ``"process"`` (what ``"auto"`` picks for a run the sink creates, on POSIX): the training
-      process never imports mlflow. Calls append to the spool file and return; a child process
+      process never imports mlflow. Calls append to the spool file (replaced by a new one once it
+      is past ``ROTATE_BYTES`` and fully delivered) and return; a child process
       (started with the sink) delivers in order, retrying a server that is down. :meth:`flush` does
       not wait for the server; :meth:`close` waits until everything is delivered (at most
       ``close_timeout``, then what is left stays in the spool for ``labeltrack-log replay``) and
@@ -247,13 +249,29 @@ class MLflowSink(Sink):
 
     def _init_runtime(self) -> None:
         self._process: DeliveryProcess | None = None
+        self._journaled = -1  # seq of the last batch written to the spool
         self._client: "MlflowClient | None" = None
         self._lock = threading.RLock()
         self._backlog: list[dict[str, Any]] = []
         self._retry_at = 0.0
         self._broken: str | None = None
         self._outage = False
-        self.spool = Spool(self.spool_dir / f"mlflow-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl")
+        self.spool = self._new_spool()
+
+    def _new_spool(self) -> Spool:
+        return Spool(self.spool_dir / f"mlflow-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl")
+
+    def _rotate(self) -> None:
+        """Process delivery: once the spool file is large and fully delivered, start a new one (the
+        child removes the old), so a long run's spool does not grow without bound."""
+        try:
+            if self.spool.path.stat().st_size < ROTATE_BYTES or self.spool.state()["delivered_seq"] != self._journaled:
+                return
+        except (OSError, ValueError, KeyError):
+            return
+        new = self._new_spool()
+        if self._process.rotate(new.path):
+            self.spool = new
 
     @property
     def run_id(self) -> str | None:
@@ -416,6 +434,7 @@ class MLflowSink(Sink):
             logger.error("could not write %d MLflow batch(es) to the spool %s (%s): they are lost", len(ops),
                          self.spool.path, err)
             return []
+        self._journaled = lines[-1]["seq"] if lines else self._journaled
         return lines
 
     def _to_spool(self, ops: list[dict[str, Any]]) -> None:
@@ -478,6 +497,8 @@ class MLflowSink(Sink):
                 for op in ops:  # keep seq in line order
                     op["seq"], self._seq = self._seq, self._seq + 1
             if self.delivery == "process":
+                if self._process is not None and self._process.alive():
+                    self._rotate()
                 if not self._journal(ops):
                     return
                 if self._ensure_process():
