@@ -69,10 +69,11 @@ class DeliveryProcess:
         retry_interval: Pause of the child between probes of a server that does not answer.
         close_timeout: Time the child may spend delivering after ``close`` (or after the parent died).
         on_report: Called in the parent with each report dict the child sends.
+        restarts: How many children of this spool exited unexpectedly before this one.
     """
 
     def __init__(self, spool: Spool, *, timeout: float, retry_interval: float, close_timeout: float,
-                 on_report: Callable[[dict[str, Any]], None]) -> None:
+                 on_report: Callable[[dict[str, Any]], None], restarts: int = 0) -> None:
         self.spool = spool
         self.args = ["--timeout", repr(timeout), "--retry-interval", repr(retry_interval),
                      "--close-timeout", repr(close_timeout)]
@@ -80,7 +81,7 @@ class DeliveryProcess:
         self.on_report = on_report
         self.proc: subprocess.Popen | None = None
         self._buffer = b""
-        self.restarts = 0
+        self.restarts = restarts
         self.done: dict[str, Any] | None = None  # the child's final report
 
     def start(self) -> None:

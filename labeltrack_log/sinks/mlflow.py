@@ -466,8 +466,7 @@ class MLflowSink(Sink):
             logger.error("the MLflow delivery process exited unexpectedly (exit code %s; see its messages above); "
                          "restarting it: every batch is kept in %s", proc.proc.returncode, self.spool.path)
         proc = DeliveryProcess(self.spool, timeout=self.timeout, retry_interval=self.retry_interval,
-                               close_timeout=self.close_timeout, on_report=self._on_report)
-        proc.restarts = restarts
+                               close_timeout=self.close_timeout, on_report=self._on_report, restarts=restarts)
         try:
             proc.start()
         except OSError as err:
