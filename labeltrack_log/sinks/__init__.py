@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputTypeError
 from ..grouping import StatsTable
-from ..naming import label_text
+from ..naming import component, label_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -88,6 +88,7 @@ class Sink:
         self.label_budget = label_budget
         self.label_names: dict[Any, str] = dict(label_names or {})
         self._texts: dict[Hashable, _Texts] = {}  # scope -> label texts handed out so far
+        self._parts: dict[tuple[Hashable, str], _Parts] = {}  # (scope, kind) -> label parts handed out so far
         self._closed = False
 
     # --------------------------------------------------------------- contract
@@ -149,6 +150,7 @@ class Sink:
         Label texts are handed out afresh from the next call on."""
         self.label_names = dict(names or {})
         self._texts.clear()
+        self.__dict__.setdefault("_parts", {}).clear()
 
     def label_text(self, label: Any) -> str:
         """Display text of ``label`` (its name in :attr:`label_names`, else the label as text)."""
@@ -176,6 +178,26 @@ class Sink:
             state.assign([lab for lab, t in zip(labels, out) if t is None], self.label_text)
             out = [state.texts[lab] for lab in labels]
         return out  # type: ignore[return-value]
+
+    def label_parts(self, labels: Sequence[Any], scope: Hashable = None, kind: str = "tag") -> list[str]:
+        """The tag/key component of each label's series: distinct within ``scope``, stable, and
+        never a reserved component (:data:`labeltrack_log.naming.SUMMARY`).
+
+        A label's part is :func:`labeltrack_log.naming.component` of its :meth:`label_texts` text
+        (``kind``: ``"tag"`` for TensorBoard, ``"mlflow"`` for metric keys). Two texts whose parts
+        clash (the 24-bit hash of a long or changed name is rare to collide, not impossible) are
+        told apart by checking every part handed out: the later one gets ``-2`` (``-3``, ...).
+
+        Example:
+            >>> Sink().label_parts(["a/b", "a_b", "_summary"], "loss")
+            ['a_b-3ec69c', 'a_b', '_summary-c40ce9']
+        """
+        texts = self.label_texts(labels, scope)
+        parts = self.__dict__.setdefault("_parts", {})
+        state = parts.get((scope, kind))
+        if state is None:
+            state = parts[(scope, kind)] = _Parts(kind)
+        return [state.part(text) for text in texts]
 
     def budget(self, table: StatsTable) -> "BudgetView":
         """:func:`apply_budget` with this sink's budget; the labels of :attr:`label_names` come first."""
@@ -214,6 +236,27 @@ class _Texts:
             self.texts[lab] = text
             self.names.add(name)
             self.taken.add(text)
+
+
+class _Parts:
+    """The tag/key parts of one (scope, kind): label text -> part, and the parts in use."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.parts: dict[str, str] = {}
+        self.taken: set[str] = set()
+
+    def part(self, text: str) -> str:
+        part = self.parts.get(text)
+        if part is None:
+            base = part = component(text, self.kind)  # never the reserved SUMMARY: that is hashed
+            n = 1
+            while part in self.taken:
+                n += 1
+                part = f"{base}-{n}"
+            self.parts[text] = part
+            self.taken.add(part)
+        return part
 
 
 def check_table(table: Any) -> StatsTable:

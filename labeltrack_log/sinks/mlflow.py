@@ -49,7 +49,7 @@ import numpy as np
 
 from ..errors import ConfigError, missing_extra
 from ..grouping import StatsTable
-from ..naming import STATS, SUMMARY, image_key, mlflow_key, table_file
+from ..naming import STATS, SUMMARY, image_key, mlflow_key, mlflow_key_of_part, table_file
 from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
 from ._delivery import SUPPORTED as PROCESS_SUPPORTED
 from ._delivery import DeliveryProcess
@@ -334,10 +334,10 @@ class MLflowSink(Sink):
 
     def _label_keys(self, name: str, mode: str, labels: list[Any]) -> list[tuple[str, ...]]:
         out = []
-        for text in self.label_texts(labels, name):
+        for text in self.label_parts(labels, name, "mlflow"):  # distinct parts, never SUMMARY (issue 11.7/11.8)
             keys = self._keys.get((name, mode, text))
             if keys is None:
-                keys = self._keys[(name, mode, text)] = tuple(mlflow_key(name, mode, text, s) for s in _STAT_KEYS)
+                keys = self._keys[(name, mode, text)] = tuple(mlflow_key_of_part(name, mode, text, s) for s in _STAT_KEYS)
             out.append(keys)
         return out
 

@@ -279,12 +279,13 @@ class TensorBoardSink(Sink):
             self._drop(run)
 
     # ------------------------------------------------------------------ stats
-    def _label_tags(self, name: str, text: str, stats: tuple[str, ...] = (*LABEL_STATS, "nonfinite")) -> tuple[str, ...]:
-        """Tags of ``stats`` for one label (or naming.SUMMARY), cached: naming is per-character work."""
-        key = (name, text, stats)
+    def _label_tags(self, name: str, part: str, stats: tuple[str, ...] = (*LABEL_STATS, "nonfinite")) -> tuple[str, ...]:
+        """Tags of ``stats`` for one label part (:meth:`Sink.label_parts`, never equal to
+        naming.SUMMARY) or naming.SUMMARY, cached: naming is per-character work."""
+        key = (name, part, stats)
         tags = self._tags.get(key)
         if tags is None:
-            tags = self._tags[key] = tuple(naming.tb_tag(name, text, s) for s in stats)
+            tags = self._tags[key] = tuple(naming.tb_tag_of_part(name, part, s) for s in stats)
         return tags
 
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
@@ -292,14 +293,16 @@ class TensorBoardSink(Sink):
         step = self._check_call(step, table)
         view = self.budget(table)
         rows = view.table
-        texts = self.label_texts(rows.labels.tolist(), name)
+        labels = rows.labels.tolist()
+        texts = self.label_texts(labels, name)
+        parts = self.label_parts(labels, name, "tag")
         event = event_pb2.Event(step=step, wall_time=time.time())
         add = event.summary.value.add
         columns = (rows.mean, rows.std, rows.min, rows.max, rows.count, rows.mean - rows.std, rows.mean + rows.std)
         values = list(zip(*(c.tolist() for c in columns)))
         nonfinite = rows.nonfinite.tolist()
-        for text, vals, bad in zip(texts, values, nonfinite):
-            tags = self._label_tags(name, text)
+        for part, vals, bad in zip(parts, values, nonfinite):
+            tags = self._label_tags(name, part)
             for tag, value in zip(tags, vals):
                 add(tag=tag, simple_value=value)
             if bad:
@@ -308,7 +311,7 @@ class TensorBoardSink(Sink):
             add(tag=tag, simple_value=view.aggregates.get(stat, float("nan")))
         if view.over_budget:
             self._add_table(add, name, table, view)
-        self._add_layout(event, mode, name, tuple(texts))
+        self._add_layout(event, mode, name, tuple(zip(texts, parts)))
         self._emit(mode, event, f"{len(event.summary.value)} values of {name!r} at step {step}")
 
     def _add_table(self, add: Any, name: str, table: StatsTable, view: BudgetView) -> None:
@@ -330,7 +333,7 @@ class TensorBoardSink(Sink):
                                         tensor_shape=tensor_shape_pb2.TensorShapeProto())
         add(tag=naming.tb_item_tag(name, "table"), tensor=tensor, metadata=_plugin_metadata("text", _TEXT_CONTENT))
 
-    def _add_layout(self, event: Any, mode: str, name: str, labels: tuple[str, ...]) -> None:
+    def _add_layout(self, event: Any, mode: str, name: str, labels: tuple[tuple[str, str], ...]) -> None:
         """Add the Custom Scalars layout to ``event`` if this run's charts changed or the file is new."""
         run = str(self.run_dir(mode))
         charts = self._charts.setdefault(run, {})
@@ -344,7 +347,7 @@ class TensorBoardSink(Sink):
         event.summary.value.add(tag=LAYOUT_TAG, tensor=tensor, metadata=_plugin_metadata("custom_scalars", b""))
         self._layout_written[run] = key  # if the write fails, the file is dropped and this entry with it
 
-    def _category(self, name: str, labels: tuple[str, ...]) -> "layout_pb2.Category":
+    def _category(self, name: str, labels: tuple[tuple[str, str], ...]) -> "layout_pb2.Category":
         Series = layout_pb2.MarginChartContent.Series
 
         def chart(title: str, value: str, lower: str, upper: str) -> "layout_pb2.Chart":
@@ -353,11 +356,11 @@ class TensorBoardSink(Sink):
 
         summary = self._label_tags(name, naming.SUMMARY, ("macro_mean", "best_mean", "worst_mean"))
         charts = [chart("all labels: macro mean, best..worst label mean", *summary)]
-        for text in labels:
-            tags = self._label_tags(name, text)
+        for text, part in labels:
+            tags = self._label_tags(name, part)
             charts.append(chart(f"{text}: mean ± std", tags[0], tags[5], tags[6]))
             charts.append(chart(f"{text}: min..max", tags[0], tags[2], tags[3]))
-        return layout_pb2.Category(title=str(name), chart=charts, closed=False)
+        return layout_pb2.Category(title=naming.visible(str(name)), chart=charts, closed=False)
 
     # ----------------------------------------------------------------- figures
     def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
