@@ -188,6 +188,8 @@ class Tracker:
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise InputTypeError(f"step: expected a non-negative int, got {type(step).__name__} {step!r}")
+        if step >= 2**63:
+            raise InputTypeError(f"step: expected an int below 2**63 (int64, as TensorBoard and MLflow store it), got {step!r}")
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer))):
             raise InputTypeError(f"epoch: expected an int or None, got {type(epoch).__name__} {epoch!r}")
         step = int(step)

@@ -142,6 +142,8 @@ class Sink:
         ok = isinstance(step, (int, np.integer)) and not isinstance(step, bool)
         if not ok or step < 0:
             raise InputTypeError(f"step: expected a non-negative int, got {type(step).__name__} {step!r}")
+        if step >= 2**63:  # TensorBoard and MLflow store int64 steps; a file holding more could not be read back
+            raise InputTypeError(f"step: expected an int below 2**63 (int64), got {step!r}")
         return int(step)
 
     # ------------------------------------------------------------- labels
