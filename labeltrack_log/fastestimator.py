@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
-from .errors import ConfigError, missing_extra
+from .errors import ConfigError, InputShapeError, missing_extra
 from .grouping import StatsTable, to_numpy
 from .history import StatsHistory
 from .sinks import Sink
@@ -77,8 +77,15 @@ def _class_ids(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _per_sample(values: np.ndarray) -> np.ndarray:
-    """(N,) as is, (N, 1) flattened; other shapes go to GroupedStats, which explains the error."""
+def _per_sample(values: np.ndarray, key: str = "metric") -> np.ndarray:
+    """(N,) as is, (N, 1) flattened; a batch mean (0-d) is an error naming FE's own option
+    (``average_loss=False``); other shapes go to GroupedStats, which explains the error."""
+    if values.ndim == 0:
+        raise InputShapeError(
+            f"metric '{key}': expected one value per sample, got a scalar (0-d): a batch mean. In FastEstimator, "
+            f"compute the loss per sample with average_loss=False (e.g. CrossEntropy(inputs=..., outputs='{key}', "
+            "average_loss=False)) and keep a separate averaged loss for UpdateOp if you train on it."
+        )
     return values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
 
 
@@ -207,7 +214,7 @@ class LabelTracker(Trace):
 
     def on_batch_end(self, data: Data) -> None:
         labels = _class_ids(to_numpy(data[self.label_key], f"labels '{self.label_key}'"))
-        values = _per_sample(to_numpy(data[self.metric_key], f"metric '{self.metric_key}'"))
+        values = _per_sample(to_numpy(data[self.metric_key], f"metric '{self.metric_key}'"), self.metric_key)
         self._tracker.update(labels, values, mode=self.system.mode)
         self._first_seen.update(labels)
 

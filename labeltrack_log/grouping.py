@@ -117,6 +117,27 @@ def _check_1d(arr: np.ndarray, what: str, hint: str) -> None:
     raise InputShapeError(f"{what}: expected a 1-D array with one entry per sample, got shape {tuple(arr.shape)}. {hint}")
 
 
+def _label_hint(lab: np.ndarray) -> str:
+    """What to pass instead of labels of this shape: (N, 1) is a column of class ids (argmax
+    would turn every label into class 0); (N, C>1) is one-hot or probabilities."""
+    if lab.ndim == 2 and lab.shape[1] == 1:
+        return "Pass one label per sample: for a column of class ids of shape (N, 1) use y[:, 0] or y.squeeze(-1)."
+    if lab.ndim == 2:
+        return "Pass one label per sample: for one-hot labels or probabilities of shape (N, C) use y.argmax(-1)."
+    return "Pass one label per sample, shape (N,)."
+
+
+_BATCH_MEAN_HINT = "e.g. a loss with reduction='none'"
+
+
+def _value_hint(val: np.ndarray, batch_mean_hint: str) -> str:
+    if val.ndim == 0:
+        return f"Pass the per-sample metric, not a batch mean ({batch_mean_hint})."
+    if val.ndim == 2 and val.shape[1] == 1:
+        return "Pass one value per sample: for shape (N, 1) use v[:, 0] or v.squeeze(-1)."
+    return f"Pass the per-sample metric, one value per sample, shape (N,) ({batch_mean_hint})."
+
+
 def _normalise_labels(lab: np.ndarray) -> tuple[np.ndarray, str]:
     """Return (labels, kind) with kind in {"int", "bool", "str"}; int/bool labels come back as int64."""
     k = lab.dtype.kind
@@ -346,8 +367,8 @@ class GroupedStats:
         lab = labels if type(labels) is np.ndarray else to_numpy(labels, "labels")
         val = values if type(values) is np.ndarray else to_numpy(values, "values")
         if lab.ndim != 1 or val.ndim != 1:
-            _check_1d(lab, "labels", "Pass one label per sample (for one-hot labels use y.argmax(-1)).")
-            _check_1d(val, "values", "Pass the per-sample metric, not a batch mean (e.g. a loss with reduction='none').")
+            _check_1d(lab, "labels", _label_hint(lab))
+            _check_1d(val, "values", _value_hint(val, _BATCH_MEAN_HINT))
         n = lab.shape[0]
         if n != val.shape[0]:
             raise InputShapeError(f"labels and values must have the same length, got {n} labels and {val.shape[0]} values")

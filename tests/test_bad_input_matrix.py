@@ -50,7 +50,7 @@ def csv_history(path: Path) -> StatsHistory:
         pytest.param(torch.tensor([0, 1, 1, 2]), torch.tensor([0.1, 0.2, 0.3]), InputShapeError,
                      "got 4 labels and 3 values", id="length-mismatch"),
         pytest.param(torch.tensor([0, 1, 1]), torch.tensor(0.7), InputShapeError,
-                     r"got a scalar \(0-d\)\. Pass the per-sample metric.*reduction='none'", id="scalar-metric"),
+                     r"got a scalar \(0-d\): a batch mean\. In FastEstimator.*average_loss=False", id="scalar-metric"),
         pytest.param(torch.tensor([0, 1]), torch.ones(2, 3), InputShapeError,
                      r"values: expected a 1-D array .* got shape \(2, 3\)", id="2d-values"),
         pytest.param(torch.tensor([0.5, 1.0]), torch.tensor([0.1, 0.2]), InputTypeError,
