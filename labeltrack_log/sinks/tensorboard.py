@@ -314,19 +314,34 @@ class TensorBoardSink(Sink):
         self._add_layout(event, mode, name, tuple(zip(texts, parts)))
         self._emit(mode, event, f"{len(event.summary.value)} values of {name!r} at step {step}")
 
+    #: Over the label budget, the Text tab's table shows at most this many labels: the half with
+    #: the largest means and the half with the smallest (10 million labels wrote 578 MB per step
+    #: before this bound); the full table is in the CSV/JSONL sinks and MLflow's table artifact.
+    table_rows = 100
+
     def _add_table(self, add: Any, name: str, table: StatsTable, view: BudgetView) -> None:
-        """The full table as a markdown text summary (TensorBoard's Text tab)."""
+        """The worst and best labels as a markdown text summary (TensorBoard's Text tab)."""
         shown = len(view.table)
         worst = "none" if view.worst_label is None else _md(self.label_text(view.worst_label))
+        rows = _worst_and_best(table.mean, self.table_rows)
         lines = [
             f"{len(table)} labels, {shown} with their own series (label budget {self.label_budget}); "
             f"largest mean: {worst}",
             "",
+        ]
+        if len(rows) < len(table):
+            half = self.table_rows // 2
+            lines[-1:] = [f"Showing the {min(half, len(rows))} labels with the largest mean and the "
+                          f"{max(len(rows) - half, 0)} with the smallest, of {len(table)} "
+                          f"({int((table.count == 0).sum())} without finite values); every label is in the "
+                          "CSV/JSONL sinks' files and MLflow's table artifact.", ""]
+        lines += [
             "| label | count | mean | std | min | max | nonfinite |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        cols = zip(table.labels.tolist(), table.count.tolist(), table.mean.tolist(), table.std.tolist(),
-                   table.min.tolist(), table.max.tolist(), table.nonfinite.tolist())
+        part = table.take(rows) if len(rows) < len(table) else table
+        cols = zip(part.labels.tolist(), part.count.tolist(), part.mean.tolist(), part.std.tolist(),
+                   part.min.tolist(), part.max.tolist(), part.nonfinite.tolist())
         for lab, cnt, mean, std, lo, hi, bad in cols:
             lines.append(f"| {_md(self.label_text(lab))} | {cnt} | {mean:.6g} | {std:.6g} | {lo:.6g} | {hi:.6g} | {bad} |")
         tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=["\n".join(lines).encode("utf-8")],
@@ -377,6 +392,26 @@ class TensorBoardSink(Sink):
 
     def __repr__(self) -> str:
         return f"TensorBoardSink(logdir={str(self.logdir)!r}, label_budget={self.label_budget}, run_name={self.run_name!r})"
+
+
+def _worst_and_best(mean: np.ndarray, limit: int) -> np.ndarray:
+    """Row positions of the ``limit // 2`` largest means (largest first) then the smallest ones
+    (up to ``limit`` in all, ascending); all rows in table order when there are at most ``limit``.
+    Linear time (``argpartition``): the table may hold millions of labels."""
+    n = len(mean)
+    if n <= limit:
+        return np.arange(n)
+    finite = np.flatnonzero(np.isfinite(mean))
+    m = mean[finite]
+    half = limit // 2
+    if len(finite) <= limit:
+        top = finite[np.argsort(-m, kind="stable")]
+        return top[:limit]
+    hi = np.argpartition(-m, half)[:half]
+    hi = hi[np.argsort(-m[hi], kind="stable")]
+    lo = np.argpartition(m, limit - half)[: limit - half]
+    lo = lo[np.argsort(-m[lo], kind="stable")]
+    return finite[np.concatenate([hi, lo])]
 
 
 def _plugin_metadata(plugin: str, content: bytes) -> "summary_pb2.SummaryMetadata":
