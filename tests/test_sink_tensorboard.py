@@ -241,6 +241,28 @@ def test_fast_crc_equals_tensorboards(data):
     assert a.getvalue() == b.getvalue()
 
 
+def test_without_the_google_crc32c_wheel_the_fallback_gives_the_same_checksum(tmp_path):
+    """The wheel is optional: blocked, tensorboard's pure-Python CRC32C writes the same bytes."""
+    data = os.urandom(5000)
+    (tmp_path / "rec.bin").write_bytes(data)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["google_crc32c"] = None  # as if the wheel were not installed
+        from labeltrack_log.sinks import tensorboard as tb
+        assert tb._crc32c_c is None
+        data = open({str(tmp_path / "rec.bin")!r}, "rb").read()
+        print(tb.masked_crc32c(data), tb.masked_crc32c(b""))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert out.returncode == 0, out.stderr
+    from labeltrack_log.sinks import tensorboard as tb
+
+    assert tb._crc32c_c is not None  # this environment has the wheel: the C implementation is in use
+    assert out.stdout.split() == [str(masked_crc32c(data)), str(masked_crc32c(b""))]
+    assert masked_crc32c(data) == reference_crc(data)
+
+
 # ---------------------------------------------------------------------- custom scalars
 def test_custom_scalars_margin_charts(tb):
     logdir = tb.root / "layout"
@@ -579,10 +601,11 @@ def test_write_failure_is_logged_and_training_goes_on(tmp_path):
         logging.basicConfig(level=logging.WARNING)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk / quota: writes fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-        def table(n):
-            return StatsTable(list(range(n)), [1] * n, [0.5] * n, [0.0] * n, [0.5] * n, [0.5] * n, [0] * n)
+        def table(n, width=1):
+            labels = [f"{i:04d}" + "x" * (width - 1) for i in range(n)]
+            return StatsTable(labels, [1] * n, [0.5] * n, [0.0] * n, [0.5] * n, [0.5] * n, [0] * n)
         sink = TensorBoardSink("logs", label_budget=10)
-        sink.log_stats(table(5000), step=0, name="big", mode="train")   # its text table is too big
+        sink.log_stats(table(5000, 2000), step=0, name="big", mode="train")   # its text table is too big
         sink.log_stats(table(3), step=1, name="small", mode="train")    # goes to a fresh event file
         sink.close()
         print("training finished")
