@@ -60,76 +60,27 @@ LABEL_STATS = ("mean", "std", "min", "max", "count", "mean-std", "mean+std")
 SUMMARY_STATS = AGGREGATES  # every one at every step: a margin chart needs its three series at the same steps
 LAYOUT_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
 
-# ---------------------------------------------------------------------------- fast CRC32C
-# tensorboard's CRC32C is pure Python (~10 MB/s) and was 85% of the cost of an event with
-# 1000 labels. This computes the same checksum with numpy: the data is cut into lanes of
-# _LANE bytes that are run through the byte table side by side, then the lane CRCs are folded
-# pairwise with "shift by k zero bytes" tables (CRC is linear over GF(2)). ~20x faster on 200 KB.
-_POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
-_LANE = 64
-_NUMPY_MIN = 4096  # below this the pure-Python version is as fast
-
-
-def _byte_table() -> np.ndarray:
-    t = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        t = np.where(t & 1, (t >> 1) ^ np.uint32(_POLY), t >> 1).astype(np.uint32)
-    return t
-
-
-_TABLE = _byte_table()
-
-
-def _apply(shift: np.ndarray, reg: np.ndarray) -> np.ndarray:
-    """Registers ``reg`` advanced over the zero bytes that the (4, 256) table ``shift`` encodes."""
-    return shift[0][reg & 0xFF] ^ shift[1][(reg >> 8) & 0xFF] ^ shift[2][(reg >> 16) & 0xFF] ^ shift[3][reg >> 24]
-
-
-def _lane_shift() -> np.ndarray:
-    reg = np.arange(256, dtype=np.uint32)[None, :] << (np.arange(4, dtype=np.uint32)[:, None] * np.uint32(8))
-    for _ in range(_LANE):
-        reg = _TABLE[reg & 0xFF] ^ (reg >> 8)
-    return reg
-
-
-_SHIFTS: list[np.ndarray] = []  # _SHIFTS[k]: advance over _LANE * 2**k zero bytes
-
-
-def _shift(level: int) -> np.ndarray:
-    if not _SHIFTS:
-        _SHIFTS.append(_lane_shift())
-    while len(_SHIFTS) <= level:
-        _SHIFTS.append(_apply(_SHIFTS[-1], _SHIFTS[-1]))
-    return _SHIFTS[level]
-
-
-def _crc32c_numpy(data: bytes) -> int:
-    n = len(data)
-    lanes = 1 << (-(-n // _LANE) - 1).bit_length()
-    buf = np.zeros(lanes * _LANE, np.uint8)
-    pad = lanes * _LANE - n  # leading zeros do not change a CRC whose register starts at 0 ...
-    buf[pad:] = np.frombuffer(data, np.uint8)
-    buf[pad : pad + 4] ^= 0xFF  # ... and the initial 0xFFFFFFFF equals inverting the first 4 bytes
-    reg = np.zeros(lanes, np.uint32)
-    for column in buf.reshape(lanes, _LANE).T.copy():
-        reg = _TABLE[(reg ^ column) & 0xFF] ^ (reg >> 8)
-    level = 0
-    while len(reg) > 1:
-        reg = _apply(_shift(level), reg[0::2]) ^ reg[1::2]
-        level += 1
-    return int(reg[0]) ^ 0xFFFFFFFF
+# --------------------------------------------------------------------------------- CRC32C
+# TFRecord framing needs a masked CRC32C of every record. tensorboard's own function is pure
+# Python (~10 MB/s: 85% of the cost of an event with 1000 labels); google-crc32c (Google's C
+# library, part of the ``tensorboard`` extra) computes the same checksum at GB/s. Without the
+# wheel, tensorboard's function is the fallback (correct, slower).
+try:
+    from google_crc32c import value as _crc32c_c
+except ImportError:  # pragma: no cover - exercised in a subprocess test
+    _crc32c_c = None
 
 
 def masked_crc32c(data: bytes) -> int:
     """The masked CRC32C of TFRecord framing; equal to tensorboard's pure-Python version."""
-    if len(data) < _NUMPY_MIN:
+    if _crc32c_c is None:
         return _py_masked_crc32c(data)
-    x = _crc32c_numpy(data)
+    x = _crc32c_c(data)
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 class _FastRecordWriter(RecordWriter):  # type: ignore[misc,valid-type]
-    """tensorboard's RecordWriter (same bytes, tested) with the numpy CRC32C for large records."""
+    """tensorboard's RecordWriter (same bytes, tested) with google-crc32c's CRC32C."""
 
     def write(self, data: bytes) -> None:
         header = struct.pack("<Q", len(data))
