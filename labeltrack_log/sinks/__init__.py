@@ -6,6 +6,11 @@ configuration (names, dicts, files, the ``LABELTRACK_SINKS`` environment variabl
 
 Built-in sink names: ``tensorboard``, ``mlflow``, ``csv``, ``jsonl``, ``images``. Third-party
 sinks register a ``Sink`` subclass in the ``labeltrack_log.sinks`` entry-point group.
+
+The built-in classes are importable from here, loaded on first use (PEP 562), so
+``import labeltrack_log.sinks`` imports neither tensorboard nor mlflow::
+
+    from labeltrack_log.sinks import TensorBoardSink, MLflowSink, CSVSink, JSONLSink, ImageDirSink
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ __all__ = [
     "register_sink",
     "available_sinks",
     "DEFAULT_LABEL_BUDGET",
+    "TensorBoardSink",
+    "MLflowSink",
+    "CSVSink",
+    "JSONLSink",
+    "ImageDirSink",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,6 +376,25 @@ _BUILTIN: dict[str, str] = {
     "jsonl": "labeltrack_log.sinks.files:JSONLSink",
     "images": "labeltrack_log.sinks.files:ImageDirSink",
 }
+_LAZY = {"TensorBoardSink": "tensorboard", "MLflowSink": "mlflow", "CSVSink": "csv", "JSONLSink": "jsonl",
+         "ImageDirSink": "images"}  # class name -> built-in sink name
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: the built-in sink classes, imported on first access (``TensorBoardSink`` loads
+    tensorboard, ``MLflowSink`` mlflow; a missing extra raises when the sink is constructed)."""
+    if name in _LAZY:
+        module, _, attr = _BUILTIN[_LAZY[name]].partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 _REGISTERED: dict[str, type[Sink]] = {}
 ENTRY_POINT_GROUP = "labeltrack_log.sinks"
 
