@@ -125,3 +125,17 @@ def test_the_label_budget_keeps_the_first_labels_in_natural_order():
     g.update([f"img{i}" for i in range(1, 13)], np.ones(12))
     view = Sink(label_budget=3).budget(g.compute())
     assert view.table.labels.tolist() == ["img1", "img2", "img3"]
+
+
+def test_the_aggregates_across_labels_stay_finite_near_the_float_limits():
+    from labeltrack_log.sinks import aggregates
+
+    g = GroupedStats()
+    g.update([0, 1, 2], [1.7e308, 1.7e308, -1e308])
+    agg, worst = aggregates(g.compute())
+    assert worst in (0, 1)
+    assert agg["macro_mean"] == pytest.approx((1.7e308 / 3) * 2 - 1e308 / 3, rel=1e-12)
+    assert np.isfinite(agg["spread"]) and agg["spread"] == pytest.approx(np.std(np.array([1.7, 1.7, -1.0])) * 1e308, rel=1e-12)
+    g = GroupedStats()
+    g.update([0, 1], [0.25, 0.75])
+    assert aggregates(g.compute())[0]["macro_mean"] == 0.5  # ordinary values: unchanged (exact)

@@ -329,12 +329,16 @@ def aggregates(table: StatsTable) -> tuple[dict[str, float], Any]:
     agg = {"num_labels": float(len(table)), "nonfinite": float(table.nonfinite.sum())}
     if len(means):
         worst = int(np.argmax(means))
-        agg.update(
-            macro_mean=float(means.mean()),
-            worst_mean=float(means[worst]),
-            best_mean=float(means.min()),
-            spread=float(means.std()),
-        )
+        # scaled by a power of two first, so means near the float limits give a finite macro mean
+        # and spread (as GroupedStats does for the per-label statistics)
+        scale = float(np.ldexp(1.0, min(int(np.frexp(np.abs(means).max())[1]), 1023)))
+        with np.errstate(over="ignore"):
+            agg.update(
+                macro_mean=float((means / scale).mean() * scale),
+                worst_mean=float(means[worst]),
+                best_mean=float(means.min()),
+                spread=float((means / scale).std() * scale),
+            )
         return agg, table.labels[seen][worst : worst + 1].tolist()[0]
     return agg, None
 
