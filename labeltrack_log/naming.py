@@ -4,7 +4,7 @@ Names are data, not paths: a label called ``../x``, ``a/b``, ``C:\\x`` or ``$\\m
 escape a directory, split a tag, or be rejected by a backend. Every component goes through
 :func:`component`, which keeps allowed characters, replaces the others with ``_`` and, when it had
 to change anything, appends a short hash of the original so two different labels never collide
-(``a/b`` -> ``a_b-3f2a1c``, while a label that is literally ``a_b`` stays ``a_b``).
+(``a/b`` -> ``a_b-3ec69c``, while a label that is literally ``a_b`` stays ``a_b``).
 
 Schemes (``name`` = tracked quantity such as ``ce_by_y``, ``mode`` = ``train``/``eval``/...):
 
