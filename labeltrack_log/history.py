@@ -274,7 +274,7 @@ class StatsHistory:
             return cls.from_jsonl(path, max_steps)
         if suffix == ".csv":
             return cls.from_csv(path, max_steps)
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:  # a binary file fails below, naming its line
             head = fh.read(4096).lstrip()
         return (cls.from_jsonl if head.startswith("{") else cls.from_csv)(path, max_steps)
 

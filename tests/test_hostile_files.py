@@ -134,3 +134,10 @@ def test_render_on_a_binary_file_is_one_line_exit_2(tmp_path):
     path.write_bytes(header().encode() + b"\xff\xfe\x00garbage\n")
     proc = render(path, tmp_path / "figs")
     assert proc.returncode == 2 and "\n" not in proc.stderr.strip() and str(path) in proc.stderr, proc.stderr
+
+
+def test_render_on_a_binary_file_with_an_unknown_suffix_names_the_file(tmp_path):
+    path = tmp_path / "stats.log"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff" * 10)
+    proc = render(path, tmp_path / "figs")
+    assert proc.returncode == 2 and "\n" not in proc.stderr.strip() and str(path) in proc.stderr, proc.stderr
