@@ -294,7 +294,9 @@ class StatsHistory:
             missing = [c for c in _REQUIRED if c not in header]
             if missing:
                 raise ValueError(f"{path}: expected CSV columns {list(FILE_COLUMNS)}, got {header} (missing {missing})")
-            rows = ((reader.line_num, row) for row in reader)
+            # a header line repeated further down (two writers that each started the file, before
+            # sinks were shared) is skipped, not read as data
+            rows = ((reader.line_num, row) for row in reader if any(row.get(c) != c for c in header))
             return cls._from_rows(path, rows, max_steps)
 
     @classmethod
