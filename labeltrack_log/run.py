@@ -68,8 +68,10 @@ class _Registry:
                     entry = self._add(spec, ("instance", id(spec)), None)
                 entry.users += 1
                 return spec
-            options = {**defaults.get(spec.kind, {}), **spec.options}
-            extra = {k: v for k, v in defaults.get(spec.kind, {}).items() if k not in spec.options}
+            extra = dict(defaults.get(spec.kind, {}))
+            if any(k in spec.options for k in extra):  # defaults apply as a whole, to a configuration
+                extra = {}  # that sets none of them (an explicit logdir keeps its own run names)
+            options = {**extra, **spec.options}
             key = spec.destination(**extra)
             entry = self._by_key.get(key) if key is not None else None
             if entry is not None and entry.sink.closed:  # closed by hand: start a new one
@@ -158,7 +160,8 @@ class Run:
         name: The run's name (see above), or None.
         defaults: Advanced: option defaults per sink kind for the sinks built in this run, e.g.
             ``{"tensorboard": {"logdir": "logs"}}`` (the FastEstimator trace uses this to write
-            into FE's own TensorBoard runs). A sink configuration's own options win.
+            into FE's own TensorBoard runs). They apply as a whole, to a sink configuration that sets
+            none of them.
 
     Attributes:
         name: the run's name, or None.

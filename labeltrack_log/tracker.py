@@ -286,6 +286,15 @@ class Tracker:
     def __repr__(self) -> str:
         return f"Tracker({self.name!r}, figures={self._figures!r}, bounds={self.bounds!r})"
 
+    def _join(self, run: Run) -> None:
+        """Attach to ``run`` from now on (the FastEstimator trace: the Estimator's run). Open sinks
+        stay as they are; sinks reopened later are shared through ``run`` with its option defaults."""
+        if run is self._run:
+            return
+        self._run._detach(self)
+        self._run, self._run_default = run, False
+        run._attach(self)
+
     # ------------------------------------------------------------------ helpers
     def _restrict(self, table: StatsTable) -> StatsTable:
         if self.labels is None:
