@@ -451,3 +451,57 @@ def test_the_real_frontend_shows_the_overview_first_and_labels_in_natural_order(
     expected = ["all labels: every label's mean, macro mean", "all labels: macro mean, best..worst label mean"]
     expected += [f"{lab}: {kind}" for lab in range(10) for kind in ("mean ± std", "min..max")]
     assert titles == expected
+
+
+# ------------------------------------------------------------------------ FastEstimator
+@pytest.mark.timeout(600)
+def test_fe_fit_two_label_trackers_share_one_run_inside_fe_tensorboard_runs(tmp_path: Path, store):
+    pytest.importorskip("fastestimator")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import fe_torch_digits
+    from fastestimator.trace.io import TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from labeltrack_log.fastestimator import LabelTracker
+
+    uri, client = store
+    sinks = ["tensorboard", {"type": "mlflow", "tracking_uri": uri, "experiment": "fe"},
+             {"type": "csv", "path": str(tmp_path / "fe.csv")}]
+    by_eval = LabelTracker("y", "sample_ce", outputs="ce_eval_by_digit", mode="eval", sinks=sinks, figures=None)
+    explicit = LabelTracker("y", "sample_ce", outputs="ce_own_logdir", mode="eval", figures=None,
+                            sinks={"type": "tensorboard", "logdir": str(tmp_path / "mine")})
+    fe_tb = TensorBoard(log_dir=str(tmp_path / "logs"), update_freq=1, write_graph=False)
+    estimator, tracker = fe_torch_digits.build_estimator(
+        epochs=2, sinks=sinks, subsample=300, tracker_mode=["train", "eval"], figures=None,
+        extra_traces=[by_eval, explicit, fe_tb])
+    estimator.fit()
+
+    stamp = estimator.system.experiment_time
+    run_dir = tmp_path / "logs" / stamp
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [stamp]  # FE's run, nothing beside it
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    for mode in MODES:
+        acc = EventAccumulator(str(run_dir / mode), size_guidance={"scalars": 0}).Reload()
+        tags = acc.Tags()["scalars"]
+        assert "ce" in tags  # FE's own loss curve ...
+        assert "ce_by_digit/_summary/macro_mean" in tags  # ... and ours, in one TensorBoard run
+        if mode == "eval":
+            assert "ce_eval_by_digit/_summary/macro_mean" in tags
+    custom = EventAccumulator(str(run_dir / "eval"), size_guidance={"tensors": 0}).Reload()
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (point,) = custom.Tensors("custom_scalars__config__")[-1:]
+    layout = layout_pb2.Layout.FromString(point.tensor_proto.string_val[0])
+    assert sorted(c.title for c in layout.category) == ["ce_by_digit", "ce_eval_by_digit"]  # one merged layout
+    assert (mode_dir(tmp_path / "mine", "eval")).is_dir()  # an explicit logdir is kept
+
+    (run,) = _runs(client, "fe")  # both trackers of the Estimator: one MLflow run
+    steps = estimator.system.global_step
+    assert run.info.status == "FINISHED"
+    assert client.get_metric_history(run.info.run_id, "ce_eval_by_digit/eval/_summary/macro_mean")[-1].step == steps
+    assert client.get_metric_history(run.info.run_id, "ce_by_digit/train/_summary/macro_mean")[-1].step == steps
+    lines = csv_lines(tmp_path / "fe.csv")
+    assert sum(line.startswith("wall_time,") for line in lines) == 1
+    assert {r["name"] for r in csv.DictReader((tmp_path / "fe.csv").open(newline=""))} == {"ce_by_digit",
+                                                                                          "ce_eval_by_digit"}
+    assert tracker.sinks == [] and by_eval.sinks == []
