@@ -56,5 +56,8 @@ def test_demo_runs_example_a_on_the_embedded_defaults(tmp_path: Path, capsys: py
     (run,) = client.search_runs(["0"])
     assert client.get_metric_history(run.info.run_id, "ce_by_digit/eval/digit 0/mean")[0].step == STEPS
     assert {f.path.split("~")[0] for f in client.list_artifacts(run.info.run_id, "images")} == {
-        "images/ce_by_digit_std_band", "images/ce_by_digit_range_band"}
+        "images/ce_by_digit_std_band", "images/ce_by_digit_range_band",  # loss and accuracy: one run
+        "images/acc_by_digit_std_band", "images/acc_by_digit_range_band"}
+    acc = client.get_metric_history(run.info.run_id, "acc_by_digit/train/digit 0/mean")
+    assert acc and 0.0 <= acc[-1].value <= 1.0
     assert (tmp_path / "images" / "ce_by_digit_train_epoch_1.png").read_bytes()[:4] == b"\x89PNG"
