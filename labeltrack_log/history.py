@@ -419,6 +419,8 @@ def _csv_row(path: Path, record: tuple[int, list[str]], header: list[str]) -> It
     lineno, fields = record
     if not fields:
         return  # a blank line
+    if fields == header:
+        return  # a header repeated further down (two writers that each started the file, before sinks were shared)
     if len(fields) != len(header):
         logger.warning("%s:%d: skipped a torn row (%d fields, expected %d: the write was cut short, e.g. by a full "
                        "disk); read the rows around it", path, lineno, len(fields), len(header))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tables import mode_dir  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 pytest.importorskip("tensorboard")
 
@@ -34,7 +35,7 @@ def test_the_text_table_over_the_budget_is_bounded_to_the_worst_and_best_labels(
     table = g.compute()
     with TensorBoardSink(tmp_path, label_budget=10) as sink:
         sink.log_stats(table, step=1, name="loss", mode="train")
-    text = text_table(tmp_path / "train")
+    text = text_table(mode_dir(tmp_path, "train"))
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| label")]
     assert len(rows) == TensorBoardSink.table_rows
     assert len(text) < 20_000  # was every one of 300,002 labels: ~20 MB per step
@@ -50,5 +51,5 @@ def test_within_the_row_limit_the_text_table_lists_every_label(tmp_path):
     g.update(np.arange(30), np.arange(30, dtype=float))
     with TensorBoardSink(tmp_path, label_budget=5) as sink:
         sink.log_stats(g.compute(), step=1, name="loss", mode="train")
-    rows = [line for line in text_table(tmp_path / "train").splitlines() if line.startswith("| ") and "label" not in line]
+    rows = [line for line in text_table(mode_dir(tmp_path, "train")).splitlines() if line.startswith("| ") and "label" not in line]
     assert len(rows) == 30

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tables import mode_dir  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 from labeltrack_log import GroupedStats, StatsHistory, Tracker
 from labeltrack_log.naming import SUMMARY, component
@@ -69,7 +70,7 @@ def test_surrogate_labels_reach_every_file_sink_through_the_tracker(tmp_path, ca
     assert sorted(float(r["mean"]) for r in rows) == pytest.approx(sorted(want.values()))
 
     # TensorBoard: five distinct per-label series with both steps
-    scalars = tb_scalars(tmp_path / "tb" / "train")
+    scalars = tb_scalars(mode_dir(tmp_path / "tb", "train"))
     means = {tag: pts for tag, pts in scalars.items() if tag.endswith("/mean") and f"/{SUMMARY}/" not in tag}
     assert len(means) == len(HOSTILE)
     assert all([s for s, _ in pts] == [1, 2] for pts in means.values())
@@ -124,7 +125,7 @@ def test_twenty_thousand_file_path_labels_get_distinct_tensorboard_tags(tmp_path
     with TensorBoardSink(tmp_path, label_budget=len(PATHS)) as sink:
         sink.log_stats(t, step=1, name="loss", mode="train")
         sink.log_stats(t, step=2, name="loss", mode="train")  # stable over steps
-    scalars = tb_scalars(tmp_path / "train")
+    scalars = tb_scalars(mode_dir(tmp_path, "train"))
     means = {tag: pts for tag, pts in scalars.items() if tag.endswith("/mean") and f"/{SUMMARY}/" not in tag}
     assert len(means) == len(PATHS)  # no tag shared by two labels
     assert sorted(pts[0][1] for pts in means.values()) == sorted(values.tolist())
@@ -187,7 +188,7 @@ def test_a_label_called_summary_never_shares_a_tensorboard_tag_with_the_aggregat
         sink.log_stats(g.compute(), step=1, name="loss", mode="train")
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    (path,) = (tmp_path / "train").glob("*tfevents*")
+    (path,) = mode_dir(tmp_path, "train").glob("*tfevents*")
     (event,) = [e for e in EventFileLoader(str(path)).Load() if e.step == 1 and e.summary.value]
     tags = [v.tag for v in event.summary.value]
     assert len(tags) == len(set(tags)), "two values under one tag in one event"

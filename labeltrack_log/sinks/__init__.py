@@ -51,6 +51,10 @@ __all__ = [
     "CSVSink",
     "JSONLSink",
     "ImageDirSink",
+    "END_STATUSES",
+    "exit_status",
+    "SinkSpec",
+    "sink_specs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +62,30 @@ logger = logging.getLogger(__name__)
 DEFAULT_LABEL_BUDGET = 100
 ENV_VAR = "LABELTRACK_SINKS"
 _NO_TABLE = object()  # Sink._check_call of a log_figure
+
+#: What :meth:`Sink.close` may be told about how the training ended (None: not said).
+END_STATUSES = (None, "FINISHED", "FAILED", "KILLED")
+
+
+def exit_status(exc_type: type[BaseException] | None, exc: BaseException | None = None) -> str:
+    """How a ``with`` block ended, as a run status: ``"FINISHED"`` for a clean exit (also
+    ``sys.exit(0)`` / ``sys.exit(None)``), ``"KILLED"`` for KeyboardInterrupt (Ctrl-C),
+    ``"FAILED"`` for any other exception (also ``sys.exit(3)``).
+
+    Example:
+        >>> exit_status(None), exit_status(KeyboardInterrupt), exit_status(SystemExit, SystemExit(0))
+        ('FINISHED', 'KILLED', 'FINISHED')
+        >>> exit_status(ValueError, ValueError("x")), exit_status(SystemExit, SystemExit(3))
+        ('FAILED', 'FAILED')
+    """
+    if exc_type is None:
+        return "FINISHED"
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "KILLED"
+    if issubclass(exc_type, SystemExit):
+        code = exc.code if isinstance(exc, SystemExit) else None
+        return "FINISHED" if code in (None, 0) else "FAILED"
+    return "FAILED"
 
 
 class Sink:
@@ -100,6 +128,7 @@ class Sink:
         self._texts: dict[Hashable, _Texts] = {}  # scope -> label texts handed out so far
         self._parts: dict[tuple[Hashable, str], _Parts] = {}  # (scope, kind) -> label parts handed out so far
         self._closed = False
+        self.end_status: str | None = None  # how the training ended, as told to close()
 
     # --------------------------------------------------------------- contract
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
@@ -114,12 +143,30 @@ class Sink:
     def flush(self) -> None:
         """Make everything logged so far durable/visible. Default: nothing to do."""
 
-    def close(self) -> None:
-        """Flush and release resources. Safe to call more than once."""
+    def close(self, status: str | None = None) -> None:
+        """Flush and release resources. Safe to call more than once (only the first call counts).
+
+        Args:
+            status: How the training ended: ``"FINISHED"``, ``"FAILED"``, ``"KILLED"`` (see
+                :func:`exit_status`), or None (not said; a sink that records a status, such as
+                MLflow's run status, treats it as FINISHED). Stored as :attr:`end_status` before
+                :meth:`_close` runs.
+        """
+        if status not in END_STATUSES:
+            raise ConfigError(f"status: expected one of {list(END_STATUSES)}, got {status!r}")
         if self._closed:
             return
         self._closed = True
+        self.end_status = status
         self._close()
+
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Hashable | None:
+        """The destination a sink built as ``cls(**options)`` would write to, as a hashable key, or
+        None when sinks of this class are never shared (the default). Within one process,
+        trackers whose sink configurations have the same key share one sink instance (see
+        :class:`labeltrack_log.Run`). Built-in sinks key on their file, directory or MLflow run."""
+        return None
 
     def _close(self) -> None:
         self.flush()
@@ -218,8 +265,8 @@ class Sink:
     def __enter__(self) -> "Sink":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(exit_status(exc_type, exc))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -447,15 +494,6 @@ def _options(cls: type[Sink]) -> list[str]:
     return names
 
 
-def _build(name: str, options: Mapping[str, Any]) -> Sink:
-    cls = _resolve(name)
-    valid = _options(cls)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"sink {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
-    return cls(**options)
-
-
 def _load_file(path: Path) -> Any:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".toml":
@@ -487,23 +525,39 @@ def _looks_like_path(text: str) -> bool:
     return text.lower().endswith((".toml", ".json"))
 
 
-def make_sinks(config: Any = None) -> list[Sink]:
-    """Build sinks from a configuration.
+@dataclass(frozen=True)
+class SinkSpec:
+    """A sink not built yet: the registered ``kind`` (e.g. ``"tensorboard"``), its class and the
+    (checked) constructor options. :func:`sink_specs` returns these; ``build()`` makes the sink."""
 
-    ``config`` may be a sink name (``"tensorboard"``, ``"mlflow"``, ``"csv"``, ``"jsonl"``,
-    ``"images"`` or a registered/entry-point name), a dict ``{"type": name, **options}``, a
-    :class:`Sink` instance, a list of these, a path to a ``.toml`` (``[[sinks]]`` tables) or
-    ``.json`` file holding such a list, or ``None``: then the ``LABELTRACK_SINKS`` environment
-    variable (same forms: names separated by commas, or a file path, or JSON), else no sinks.
+    kind: str
+    cls: type
+    options: Mapping[str, Any]
 
-    Raises:
-        ConfigError (a ValueError): unknown sink name or option, listing the valid ones.
-        MissingExtraError (a ModuleNotFoundError): the sink needs an extra that is not installed.
+    def build(self, **defaults: Any) -> Sink:
+        """``cls(**options)``, with ``defaults`` for the options the configuration did not set."""
+        valid = _options(self.cls)
+        return self.cls(**{**{k: v for k, v in defaults.items() if k in valid}, **self.options})
 
-    Example:
-        >>> [type(s).__name__ for s in make_sinks([{"type": "csv", "path": "/tmp/lt-doctest.csv"}])]
-        ['CSVSink']
-    """
+    def destination(self, **defaults: Any) -> Hashable | None:
+        """The destination key of the sink :meth:`build` would make (see :meth:`Sink.destination`)."""
+        valid = _options(self.cls)
+        return self.cls.destination({**{k: v for k, v in defaults.items() if k in valid}, **self.options})
+
+
+def _spec(name: str, options: Mapping[str, Any]) -> SinkSpec:
+    cls = _resolve(name)
+    valid = _options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"sink {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    return SinkSpec(name, cls, dict(options))
+
+
+def sink_specs(config: Any = None) -> list[SinkSpec | Sink]:
+    """What :func:`make_sinks` would build, without building it: a :class:`SinkSpec` per configured
+    sink (checked: unknown names and options raise ConfigError) and Sink instances as given.
+    Accepts the same ``config`` forms as :func:`make_sinks`."""
     if config is None:
         env = os.environ.get(ENV_VAR, "").strip()
         if not env:
@@ -513,37 +567,64 @@ def make_sinks(config: Any = None) -> list[Sink]:
                 parsed = json.loads(env)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{ENV_VAR}: expected sink names, a file path or JSON, got invalid JSON: {err}") from None
-            return make_sinks(parsed)
+            return sink_specs(parsed)
         if _looks_like_path(env):
-            return make_sinks(Path(env))
-        return make_sinks([part.strip() for part in env.split(",") if part.strip()])
+            return sink_specs(Path(env))
+        return sink_specs([part.strip() for part in env.split(",") if part.strip()])
     if isinstance(config, Sink):
         return [config]
     if isinstance(config, Path) or (isinstance(config, str) and _looks_like_path(config)):
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"sink configuration file {str(path)!r} does not exist")
-        return make_sinks(_load_file(path))
+        return sink_specs(_load_file(path))
     if isinstance(config, str):
-        return [_build(config, {})]
+        return [_spec(config, {})]
     if isinstance(config, Mapping):
         options = dict(config)
         kind = options.pop("type", None)
         if not isinstance(kind, str):
             raise ConfigError(f"sink dict: expected a 'type' key naming the sink ({', '.join(available_sinks())}), got {config!r}")
-        return [_build(kind, options)]
+        return [_spec(kind, options)]
     if isinstance(config, Iterable) and not isinstance(config, (bytes, bytearray)):
-        sinks: list[Sink] = []
-        try:
-            for item in config:
-                if isinstance(item, (list, tuple)):
-                    raise ConfigError(f"sink list: expected names, dicts or Sink instances, got a nested {type(item).__name__}")
-                sinks.extend(make_sinks(item))
-        except Exception:
-            for s in sinks:  # do not leak sinks built before the bad entry
-                s.close()
-            raise
-        return sinks
+        specs: list[SinkSpec | Sink] = []
+        for item in config:
+            if isinstance(item, (list, tuple)):
+                raise ConfigError(f"sink list: expected names, dicts or Sink instances, got a nested {type(item).__name__}")
+            specs.extend(sink_specs(item))
+        return specs
     raise ConfigError(
         f"sink configuration: expected a name, dict, Sink, list, .toml/.json path or None, got {type(config).__name__}"
     )
+
+
+def make_sinks(config: Any = None) -> list[Sink]:
+    """Build sinks from a configuration.
+
+    ``config`` may be a sink name (``"tensorboard"``, ``"mlflow"``, ``"csv"``, ``"jsonl"``,
+    ``"images"`` or a registered/entry-point name), a dict ``{"type": name, **options}``, a
+    :class:`Sink` instance, a list of these, a path to a ``.toml`` (``[[sinks]]`` tables) or
+    ``.json`` file holding such a list, or ``None``: then the ``LABELTRACK_SINKS`` environment
+    variable (same forms: names separated by commas, or a file path, or JSON), else no sinks.
+
+    Every call builds new sinks; trackers share sinks through :class:`labeltrack_log.Run` instead.
+
+    Raises:
+        ConfigError (a ValueError): unknown sink name or option, listing the valid ones.
+        MissingExtraError (a ModuleNotFoundError): the sink needs an extra that is not installed.
+
+    Example:
+        >>> [type(s).__name__ for s in make_sinks([{"type": "csv", "path": "/tmp/lt-doctest.csv"}])]
+        ['CSVSink']
+    """
+    specs = sink_specs(config)
+    sinks: list[Sink] = []
+    try:
+        for spec in specs:
+            sinks.append(spec if isinstance(spec, Sink) else spec.build())
+    except Exception:
+        for s in sinks:  # do not leak sinks built before the bad entry
+            if not any(s is spec for spec in specs):
+                s.close()
+        raise
+    return sinks

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Hashable, Mapping
 
 from ..errors import ConfigError
 from ..grouping import StatsTable
@@ -91,15 +91,21 @@ class _RowSink(Sink):
     def _open(self) -> io.TextIOWrapper:
         if self._file is None:
             try:
-                fresh = not self.path.exists() or self.path.stat().st_size == 0
                 # backslashreplace: a lone surrogate (a non-UTF-8 file name from os.listdir) in a
                 # name or mode is written visibly instead of failing the whole call
                 self._file = open(self.path, "a", encoding="utf-8", errors="backslashreplace", newline="")
+                if self._file.tell() == 0:  # a new (or empty) file: the header, at once
+                    self._write_header(self._file)
+                    self._file.flush()
             except OSError as err:
                 raise ConfigError(f"{self._what}: cannot open {str(self.path)!r} for appending: {err.strerror or err}") from None
-            if fresh:
-                self._write_header(self._file)
         return self._file
+
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Hashable | None:
+        """One sink per resolved file path and format (so one header, rows never interleaved)."""
+        path = options.get("path")
+        return (cls.__name__, str(Path(path if path is not None else cls._default).resolve()))
 
     def _write_header(self, f: io.TextIOWrapper) -> None:
         """Called once when the file is new."""
@@ -218,6 +224,11 @@ class ImageDirSink(Sink):
         self.dpi = dpi
         ensure_writable_dir(self.directory, "ImageDirSink directory")
         self.written: list[Path] = []
+
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Hashable | None:
+        """One sink per resolved directory."""
+        return ("ImageDirSink", str(Path(options.get("directory") or "images").resolve()))
 
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
         """Tables are not written by this sink (use CSVSink/JSONLSink next to it); the call is checked."""

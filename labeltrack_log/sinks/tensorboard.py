@@ -4,7 +4,10 @@ Written with the ``tensorboard`` package's protos and :class:`RecordWriter` into
 opens itself, so TensorFlow is never imported (``EventFileWriter`` and torch's ``SummaryWriter``
 both import it). Layout on disk and in TensorBoard:
 
-* one run directory per mode, ``<logdir>/[<run_name>/]<mode>``, holding one event file per sink
+* one run directory per mode, ``<logdir>/<run_name>/<mode>``, where ``run_name`` is by default
+  ``<YYYYmmdd-HHMMSS>-<host>`` of the sink's first write (``-2``, ``-3``, ... appended when that
+  directory exists already), so every training run gets its own runs and reruns never mix;
+  each holding one event file per sink
   instance and process (``events.out.tfevents.<seconds>.<nanoseconds>.<host>.<pid>.<random>``), created
   at first use. Names sort in creation order: TensorBoard reads a run's files in name order and
   drops points of a series whose step goes backwards, so a later file must sort last;
@@ -12,8 +15,12 @@ both import it). Layout on disk and in TensorBoard:
   ``<name>/<label>/{mean,std,min,max,count,mean-std,mean+std}``, ``<name>/<label>/nonfinite``
   when non-zero, and aggregates across all labels under ``<name>/_summary/...``;
 * over the label budget, the full table as a markdown text summary ``<name>/table``;
-* a Custom Scalars layout with margin charts (``mean ± std`` and ``min..max`` per label,
-  ``macro mean, best..worst`` across labels), rewritten whenever the set of charts changes;
+* a Custom Scalars layout, one category per tracked name: first the margin chart ``macro mean,
+  best..worst`` across labels, then one chart overlaying every label's mean, then per label (in
+  natural order) ``mean ± std`` and ``min..max``. TensorBoard reads one layout per run directory
+  (the newest), so the layout written always holds every name this sink has charted there; it is
+  rewritten whenever the set of charts changes. Trackers share one sink per run directory (see
+  :class:`labeltrack_log.Run`), so their charts end up in one layout;
 * figures in the Images tab as ``<name>/figure``.
 
 Every call ends with a flush, so a crash (even SIGKILL) loses nothing already logged.
@@ -35,7 +42,7 @@ import numpy as np
 
 from .. import naming
 from ..errors import ConfigError, missing_extra
-from ..grouping import StatsTable
+from ..grouping import StatsTable, natural_key
 from . import AGGREGATES, DEFAULT_LABEL_BUDGET, BudgetView, Sink, ensure_writable_dir
 
 try:
@@ -59,6 +66,13 @@ logger = logging.getLogger(__name__)
 LABEL_STATS = ("mean", "std", "min", "max", "count", "mean-std", "mean+std")
 SUMMARY_STATS = AGGREGATES  # every one at every step: a margin chart needs its three series at the same steps
 LAYOUT_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
+DEFAULT_LOGDIR = "runs"
+
+
+def default_run_name() -> str:
+    """``<YYYYmmdd-HHMMSS>-<host>``: the default run directory name (sorts in time order; FastEstimator
+    names its runs ``%Y%m%d-%H%M%S`` too)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{naming.component(socket.gethostname(), 'file')}"
 
 # --------------------------------------------------------------------------------- CRC32C
 # TFRecord framing needs a masked CRC32C of every record. tensorboard's own function is pure
@@ -113,8 +127,9 @@ class TensorBoardSink(Sink):
             it, the aggregates and a text table of every label are written too.
         label_names: Optional label value -> display name mapping; its order picks the labels
             that stay within the budget.
-        run_name: Optional sub-directory between ``logdir`` and the mode, so several runs can
-            share one logdir without mixing (``<logdir>/<run_name>/<mode>``).
+        run_name: The sub-directory between ``logdir`` and the mode (``<logdir>/<run_name>/<mode>``),
+            so runs sharing one logdir never mix. None: ``<YYYYmmdd-HHMMSS>-<host>`` of the first
+            write, made unique (a new one per training run; they sort in time order).
         fsync: Also ``os.fsync`` after each call (survives an OS crash, not only a process
             crash; costs about one disk sync per call).
 
@@ -137,7 +152,7 @@ class TensorBoardSink(Sink):
 
     def __init__(
         self,
-        logdir: str | os.PathLike = "runs",
+        logdir: str | os.PathLike | None = None,
         *,
         label_budget: int = DEFAULT_LABEL_BUDGET,
         label_names: Mapping[Any, str] | None = None,
@@ -147,12 +162,15 @@ class TensorBoardSink(Sink):
         if not _AVAILABLE:
             raise missing_extra("tensorboard", "tensorboard", "TensorBoardSink")
         super().__init__(label_budget=label_budget, label_names=label_names)
+        self.logdir_given = logdir is not None  # else a framework's run directory may be used (FE)
+        logdir = DEFAULT_LOGDIR if logdir is None else logdir
         if not isinstance(logdir, (str, os.PathLike)) or not str(logdir):
             raise ConfigError(f"TensorBoardSink logdir: expected a non-empty path, got {logdir!r}")
-        if run_name is not None and not isinstance(run_name, str):
-            raise ConfigError(f"TensorBoardSink run_name: expected a str or None, got {run_name!r}")
+        if run_name is not None and (not isinstance(run_name, str) or not run_name):
+            raise ConfigError(f"TensorBoardSink run_name: expected a non-empty str or None, got {run_name!r}")
         self.logdir = Path(logdir).absolute()
-        self.run_name = run_name
+        self.auto_run_name = run_name is None  # True until the default name is claimed on disk
+        self.run_name = run_name or default_run_name()
         self.fsync = bool(fsync)
         ensure_writable_dir(self.logdir, "TensorBoardSink logdir")
         self._files: dict[str, tuple[BinaryIO, _FastRecordWriter]] = {}  # run dir -> open event file
@@ -168,11 +186,47 @@ class TensorBoardSink(Sink):
         state["_layout_written"] = {}
         return state
 
+    # ---------------------------------------------------------------- sharing
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Any:
+        """One sink per logdir and configured ``run_name`` (None: the sink's own default run)."""
+        logdir = options.get("logdir")
+        return ("tensorboard", str(Path(DEFAULT_LOGDIR if logdir is None else logdir).absolute()), options.get("run_name"))
+
+    def use_run_dir(self, logdir: str | os.PathLike, run_name: str) -> bool:
+        """Write into ``<logdir>/<run_name>/<mode>`` instead (e.g. FastEstimator's TensorBoard trace's
+        runs), unless a logdir was configured explicitly or something was written already.
+
+        Returns:
+            Whether the sink now writes there.
+        """
+        target = (Path(logdir).absolute(), run_name)
+        if (self.logdir, self.run_name) == target:
+            return True
+        if self.logdir_given or not self.auto_run_name or self._files:
+            return False
+        ensure_writable_dir(target[0], "TensorBoardSink logdir")
+        self.logdir, self.run_name, self.auto_run_name = target[0], run_name, False
+        return True
+
     # ------------------------------------------------------------------ files
     def run_dir(self, mode: str) -> Path:
-        """The run directory of ``mode`` (it may not exist yet)."""
-        base = self.logdir / naming.component(self.run_name, "file") if self.run_name else self.logdir
-        return base / naming.component(mode, "file")
+        """The run directory of ``mode`` (it may not exist yet; with the default run name, the name
+        is made unique at the first write)."""
+        return self.logdir / naming.component(self.run_name, "file") / naming.component(mode, "file")
+
+    def _claim_run_name(self) -> None:
+        """Make the default run name unique: create ``<logdir>/<run_name>``, or the first free
+        ``<run_name>-<n>`` (n >= 2), atomically (``mkdir`` fails when it exists)."""
+        base, n = self.run_name, 1
+        while True:
+            try:
+                (self.logdir / naming.component(self.run_name, "file")).mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                self.run_name = f"{base}-{n}"
+        self.auto_run_name = False
 
     def _writer(self, mode: str) -> _FastRecordWriter:
         if self._pid != os.getpid():  # a forked child: never append to the parent's files
@@ -242,6 +296,8 @@ class TensorBoardSink(Sink):
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
         """Write every value of ``table`` at ``step`` as one Event in the run of ``mode``."""
         step = self._check_call(step, table)
+        if self.auto_run_name:
+            self._claim_run_name()
         view = self.budget(table)
         rows = view.table
         labels = rows.labels.tolist()
@@ -262,7 +318,7 @@ class TensorBoardSink(Sink):
             add(tag=tag, simple_value=view.aggregates.get(stat, float("nan")))
         if view.over_budget:
             self._add_table(add, name, table, view)
-        self._add_layout(event, mode, name, tuple(zip(texts, parts)))
+        self._add_layout(event, mode, name, tuple(zip(labels, zip(texts, parts))))
         self._emit(mode, event, f"{len(event.summary.value)} values of {name!r} at step {step}")
 
     #: Over the label budget, the Text tab's table shows at most this many labels: the half with
@@ -299,12 +355,23 @@ class TensorBoardSink(Sink):
                                         tensor_shape=tensor_shape_pb2.TensorShapeProto())
         add(tag=naming.tb_item_tag(name, "table"), tensor=tensor, metadata=_plugin_metadata("text", _TEXT_CONTENT))
 
-    def _add_layout(self, event: Any, mode: str, name: str, labels: tuple[tuple[str, str], ...]) -> None:
-        """Add the Custom Scalars layout to ``event`` if this run's charts changed or the file is new."""
+    def _add_layout(self, event: Any, mode: str, name: str, labels: tuple[tuple[Any, tuple[str, str]], ...]) -> None:
+        """Add the Custom Scalars layout to ``event`` if this run's charts changed or the file is new.
+
+        ``labels`` are the (label value, (display text, tag part)) pairs of this call; the layout
+        keeps every label a name has had in this run directory, in natural order of the label values."""
         run = str(self.run_dir(mode))
-        charts = self._charts.setdefault(run, {})
-        charts[name] = labels
-        key = tuple(sorted(charts.items()))
+        charted = self._charts.setdefault(run, {}).setdefault(name, {})
+        new = [(lab, text) for lab, text in labels if lab not in charted]
+        if new:
+            charted.update(new)
+            try:
+                ordered = sorted(charted.items(), key=lambda item: natural_key(item[0]))
+            except TypeError:  # labels of mixed types: keep the order they came in
+                ordered = list(charted.items())
+            charted.clear()
+            charted.update(ordered)
+        key = tuple((n, tuple(labs.values())) for n, labs in sorted(self._charts[run].items()))
         if self._layout_written.get(run) == key:
             return
         layout = layout_pb2.Layout(category=[self._category(n, labs) for n, labs in key])
@@ -314,6 +381,11 @@ class TensorBoardSink(Sink):
         self._layout_written[run] = key  # if the write fails, the file is dropped and this entry with it
 
     def _category(self, name: str, labels: tuple[tuple[str, str], ...]) -> "layout_pb2.Category":
+        """The charts of ``name``: every label's mean in one chart, the overview band, then per label."""
+        return layout_pb2.Category(title=naming.visible(str(name)), chart=chart_order(self._charts_of(name, labels)),
+                                   closed=False)
+
+    def _charts_of(self, name: str, labels: tuple[tuple[str, str], ...]) -> list["layout_pb2.Chart"]:
         Series = layout_pb2.MarginChartContent.Series
 
         def chart(title: str, value: str, lower: str, upper: str) -> "layout_pb2.Chart":
@@ -321,12 +393,17 @@ class TensorBoardSink(Sink):
                 series=[Series(value=value, lower=lower, upper=upper)]))
 
         summary = self._label_tags(name, naming.SUMMARY, ("macro_mean", "best_mean", "worst_mean"))
-        charts = [chart("all labels: macro mean, best..worst label mean", *summary)]
+        # the overview: every label's mean and the macro mean in one chart (tags are regexes matched
+        # from the start, so they are escaped and anchored), then the band of the label means
+        means = [re.escape(tag) + "$" for tag in (summary[0], *(self._label_tags(name, part)[0] for _, part in labels))]
+        charts = [layout_pb2.Chart(title="all labels: every label's mean, macro mean",
+                                   multiline=layout_pb2.MultilineChartContent(tag=means)),
+                  chart("all labels: macro mean, best..worst label mean", *summary)]
         for text, part in labels:
             tags = self._label_tags(name, part)
             charts.append(chart(f"{text}: mean ± std", tags[0], tags[5], tags[6]))
             charts.append(chart(f"{text}: min..max", tags[0], tags[2], tags[3]))
-        return layout_pb2.Category(title=naming.visible(str(name)), chart=charts, closed=False)
+        return charts
 
     # ----------------------------------------------------------------- figures
     def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
@@ -334,6 +411,8 @@ class TensorBoardSink(Sink):
         from ..figures import figure_to_png
 
         step = self._check_call(step)
+        if self.auto_run_name:
+            self._claim_run_name()
         png = figure_to_png(figure)
         width, height, channels = _png_size(png)
         image = summary_pb2.Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
@@ -363,6 +442,20 @@ def _worst_and_best(mean: np.ndarray, limit: int) -> np.ndarray:
     lo = np.argpartition(m, limit - half)[: limit - half]
     lo = lo[np.argsort(-m[lo], kind="stable")]
     return finite[np.concatenate([hi, lo])]
+def chart_order(charts: list[Any]) -> list[Any]:
+    """The order to write the charts of one Custom Scalars category in, so that TensorBoard's
+    frontend shows them in the order of ``charts``.
+
+    The frontend (tensorboard 2.x, ``tf-category-paginated-view``) stamps each chart as two
+    ``dom-if`` templates, multiline then margin, and inserts item ``i`` before child ``i``, so it
+    shows every multiline chart in layout order and then every margin chart in *reverse* layout
+    order (checked with a real server and headless Chromium: a layout written 0..9 showed label 9
+    first). So the multiline charts (which come first in ``charts``) are written first, then the
+    margin charts reversed.
+    """
+    multiline = [c for c in charts if c.WhichOneof("content") == "multiline"]
+    margin = [c for c in charts if c.WhichOneof("content") != "multiline"]
+    return multiline + margin[::-1]
 
 
 def _plugin_metadata(plugin: str, content: bytes) -> "summary_pb2.SummaryMetadata":
