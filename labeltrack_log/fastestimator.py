@@ -116,6 +116,8 @@ class LabelTracker(Trace):
             at the end of training), ``"epoch"`` (every epoch), an int N (every N epochs and at the
             end), or None (never).
         max_steps: Steps kept per mode for the figures (older ones are thinned evenly).
+        quantiles: Per-label quantile levels, e.g. ``(0.1, 0.25, 0.5, 0.75, 0.9)``, passed on to
+            the tracker: the sinks then write ``p10`` ... ``p90`` per label.
 
     Attributes:
         label_summaries: FE's output in the making: ``{label or display name: fe Summary}`` in FE's
@@ -147,7 +149,8 @@ class LabelTracker(Trace):
                  *,
                  sinks: Any = None,
                  figures: Union[None, str, int] = "end",
-                 max_steps: int = 256) -> None:
+                 max_steps: int = 256,
+                 quantiles: Optional[Iterable[float]] = None) -> None:
         super().__init__(inputs=[label, metric], outputs=outputs or f"{metric}_by_{label}", mode=mode, ds_id=ds_id)
         bounds = set(to_set(bounds)) or {None}
         bad = [b for b in bounds if b not in _BOUNDS]
@@ -160,6 +163,7 @@ class LabelTracker(Trace):
         self._first_seen = _FirstSeen()
         mapping = self.label_mapping
         self._tracker = Tracker(self.outputs[0], sinks=sinks, figures=figures, max_steps=max_steps,
+                                quantiles=None if quantiles is None else tuple(quantiles),
                                 bounds=[b for b in _BOUNDS if b in bounds and b is not None],
                                 label_names={val: str(key) for val, key in mapping.items()} if mapping else None,
                                 labels=mapping)  # FE reports only the mapped labels

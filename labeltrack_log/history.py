@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from .grouping import StatsTable
+from .naming import stat_level
 
 __all__ = ["StatsHistory", "DenseHistory", "natural_key", "FILE_COLUMNS"]
 
@@ -344,6 +345,12 @@ class StatsHistory:
                 _to_float(row["max"], "max", where),
                 _to_int(row.get("nonfinite"), "nonfinite", where, default=0),
             )
+            quantiles = {}
+            for column, value in row.items():  # p10, p50, ... written by sinks for tracked quantiles
+                level = stat_level(column) if isinstance(column, str) else None
+                if level is not None:
+                    quantiles[level] = _to_float(value, column, where)
+            record = (*record, quantiles)
             key = (str(row["name"]), str(row["mode"]))
             groups.setdefault(key, {}).setdefault(step, {})[str(row["label"])] = record  # later rows win
             if typed and isinstance(row["label"], str):
@@ -394,8 +401,10 @@ def _table(rows: Mapping[str, tuple], as_int: bool) -> tuple[StatsTable, dict[An
     items.sort(key=lambda item: natural_key(item[0]))
     names = {lab: rec[0] for lab, rec in items if rec[0] not in (None, "") and str(rec[0]) != str(lab)}
     labels = np.array([lab for lab, _ in items], dtype=np.int64 if as_int else str)
-    cols = list(zip(*(rec[1:] for _, rec in items))) if items else [()] * 6
-    return StatsTable(labels, *cols), names
+    cols = list(zip(*(rec[1:7] for _, rec in items))) if items else [()] * 6
+    levels = sorted({q for _, rec in items for q in rec[7]})
+    quantiles = np.array([[rec[7].get(q, math.nan) for q in levels] for _, rec in items]).reshape(len(items), len(levels))
+    return StatsTable(labels, *cols, quantile_levels=levels, quantiles=quantiles), names
 
 
 def _densify(name: str, mode: str, steps: list[int], tables: list[StatsTable]) -> DenseHistory:

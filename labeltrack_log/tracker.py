@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from .grouping import GroupedStats, StatsTable
 from .history import DEFAULT_MAX_STEPS, StatsHistory
 from .naming import figure_name
 from .sinks import Sink, make_sinks
+from .sketch import check_levels
 
 __all__ = ["Tracker"]
 
@@ -61,6 +62,8 @@ class Tracker:
         bounds: Band figures drawn each time: ``"std"`` (mean ± std), ``"range"`` (min..max),
             or several; empty for none.
         max_steps: Steps kept per mode in :attr:`history` (older ones are thinned evenly).
+        quantiles: Per-label quantile levels for every mode, e.g. ``(0.1, 0.25, 0.5, 0.75, 0.9)``
+            (see :class:`~labeltrack_log.GroupedStats`); the sinks then write ``p10`` ... ``p90``.
 
     Attributes:
         name: the tracked name.
@@ -93,9 +96,14 @@ class Tracker:
                  labels: Iterable[Any] | None = None,
                  figures: str | int | None = "end",
                  bounds: str | Iterable[str] = ("std",),
-                 max_steps: int = DEFAULT_MAX_STEPS) -> None:
+                 max_steps: int = DEFAULT_MAX_STEPS,
+                 quantiles: Sequence[float] | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name: expected a non-empty string, got {name!r}")
+        try:
+            self.quantiles: tuple[float, ...] = check_levels(quantiles)  # per-label quantiles for every mode
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if label_names is not None and not isinstance(label_names, Mapping):
             raise ConfigError(f"label_names: expected a mapping label -> display name or None, got {type(label_names).__name__}")
         if labels is not None and (isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable)):
@@ -160,7 +168,7 @@ class Tracker:
         if stats is None:
             if not isinstance(mode, str) or not mode:
                 raise InputTypeError(f"mode: expected a non-empty string, got {mode!r}")
-            stats = self._stats[mode] = GroupedStats()
+            stats = self._stats[mode] = GroupedStats(quantiles=self.quantiles or None)
         stats.update(labels, values)
 
     def end_epoch(self, step: int, modes: str | Iterable[str] | None = None, *,

@@ -208,6 +208,7 @@ class TensorBoardSink(Sink):
         self._charts: dict[str, dict[str, tuple[str, ...]]] = {}  # run dir -> name -> labels charted
         self._layout_written: dict[str, Any] = {}  # run dir -> charts written into the open file
         self._tags: dict[tuple, tuple[str, ...]] = {}  # (name, label text, stats) -> tags (a cache)
+        self._quantile_charts: dict[tuple[str, str], tuple[str, ...]] = {}  # (run dir, name) -> quantile stats
         self._pid = os.getpid()  # the process that owns self._files
 
     # ----------------------------------------------------------------- pickling
@@ -304,10 +305,18 @@ class TensorBoardSink(Sink):
                 add(tag=tag, simple_value=value)
             if bad:
                 add(tag=tags[-1], simple_value=bad)
-        for stat, tag in zip(SUMMARY_STATS, self._label_tags(name, naming.SUMMARY, SUMMARY_STATS)):
+        qstats = naming.quantile_stats(rows.quantile_levels)
+        if qstats:  # <name>/<label>/p50 and friends
+            qvalues = np.stack([rows.quantile(q) for q in rows.quantile_levels], axis=1).tolist()
+            for text, vals in zip(texts, qvalues):
+                for tag, value in zip(self._label_tags(name, text, qstats), vals):
+                    add(tag=tag, simple_value=value)
+        summary_stats = SUMMARY_STATS + (("median_of_medians",) if "median_of_medians" in view.aggregates else ())
+        for stat, tag in zip(summary_stats, self._label_tags(name, naming.SUMMARY, summary_stats)):
             add(tag=tag, simple_value=view.aggregates.get(stat, float("nan")))
         if view.over_budget:
             self._add_table(add, name, table, view)
+        self.__dict__.setdefault("_quantile_charts", {})[(str(self.run_dir(mode)), name)] = qstats
         self._add_layout(event, mode, name, tuple(texts))
         self._emit(mode, event, f"{len(event.summary.value)} values of {name!r} at step {step}")
 
@@ -336,15 +345,18 @@ class TensorBoardSink(Sink):
         charts = self._charts.setdefault(run, {})
         charts[name] = labels
         key = tuple(sorted(charts.items()))
+        quantile_charts = self.__dict__.setdefault("_quantile_charts", {})
+        key = key + tuple(sorted((n, q) for (r, n), q in quantile_charts.items() if r == run and q))
         if self._layout_written.get(run) == key:
             return
-        layout = layout_pb2.Layout(category=[self._category(n, labs) for n, labs in key])
+        qs = {n: q for (r, n), q in self.__dict__.setdefault("_quantile_charts", {}).items() if r == run}
+        layout = layout_pb2.Layout(category=[self._category(n, labs, qs.get(n, ())) for n, labs in sorted(charts.items())])
         tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[layout.SerializeToString()],
                                         tensor_shape=tensor_shape_pb2.TensorShapeProto())
         event.summary.value.add(tag=LAYOUT_TAG, tensor=tensor, metadata=_plugin_metadata("custom_scalars", b""))
         self._layout_written[run] = key  # if the write fails, the file is dropped and this entry with it
 
-    def _category(self, name: str, labels: tuple[str, ...]) -> "layout_pb2.Category":
+    def _category(self, name: str, labels: tuple[str, ...], qstats: tuple[str, ...] = ()) -> "layout_pb2.Category":
         Series = layout_pb2.MarginChartContent.Series
 
         def chart(title: str, value: str, lower: str, upper: str) -> "layout_pb2.Chart":
@@ -357,6 +369,9 @@ class TensorBoardSink(Sink):
             tags = self._label_tags(name, text)
             charts.append(chart(f"{text}: mean ± std", tags[0], tags[5], tags[6]))
             charts.append(chart(f"{text}: min..max", tags[0], tags[2], tags[3]))
+            if "p50" in qstats and len(qstats) >= 3:  # median with the outermost tracked levels
+                qtags = self._label_tags(name, text, qstats)
+                charts.append(chart(f"{text}: median with {qstats[0]}..{qstats[-1]}", qtags[qstats.index("p50")], qtags[0], qtags[-1]))
         return layout_pb2.Category(title=str(name), chart=charts, closed=False)
 
     # ----------------------------------------------------------------- figures
