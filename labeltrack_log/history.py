@@ -14,7 +14,7 @@ import csv
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -55,6 +55,7 @@ class DenseHistory:
         labels: label values in natural order (ints numerically, strings digit-aware).
         steps: int64 array of the kept steps, increasing.
         count, mean, std, min, max, nonfinite: the matrices.
+        quantiles: quantile level -> matrix, for the levels the tables carry (empty without).
     """
 
     name: str
@@ -67,6 +68,7 @@ class DenseHistory:
     min: np.ndarray
     max: np.ndarray
     nonfinite: np.ndarray
+    quantiles: Mapping[float, np.ndarray] = field(default_factory=dict)
 
 
 class _Series:
@@ -421,6 +423,7 @@ def _densify(name: str, mode: str, steps: list[int], tables: list[StatsTable]) -
     n, m = len(labels_list), len(tables)
     stats = ("count", "mean", "std", "min", "max", "nonfinite")
     out = {s: np.full((n, m), np.nan) for s in stats}
+    quantiles: dict[float, np.ndarray] = {}
     union_arr = np.array(labels_list) if labels_list else np.array([], dtype=np.int64)
     for j, table in enumerate(tables):
         if not len(table):
@@ -431,6 +434,11 @@ def _densify(name: str, mode: str, steps: list[int], tables: list[StatsTable]) -
             rows = np.fromiter((index[lab] for lab in table.labels.tolist()), dtype=np.int64, count=len(table))
         for s in stats:
             out[s][rows, j] = getattr(table, s)
-    for arr in out.values():
+        for q in table.quantile_levels:
+            if q not in quantiles:
+                quantiles[q] = np.full((n, m), np.nan)
+            quantiles[q][rows, j] = table.quantile(q)
+    for arr in (*out.values(), *quantiles.values()):
         arr.flags.writeable = False
-    return DenseHistory(name, mode, union_arr, np.asarray(steps, dtype=np.int64), **out)
+    return DenseHistory(name, mode, union_arr, np.asarray(steps, dtype=np.int64), **out,
+                        quantiles={q: quantiles[q] for q in sorted(quantiles)})

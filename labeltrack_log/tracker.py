@@ -60,7 +60,8 @@ class Tracker:
         figures: When band figures are sent to the sinks: ``"end"`` (once, in :meth:`close`),
             ``"epoch"`` (every epoch), an int N (every N epochs, and at the end) or None (never).
         bounds: Band figures drawn each time: ``"std"`` (mean ± std), ``"range"`` (min..max),
-            or several; empty for none.
+            ``"quantile"`` (median, p25–p75 and p10–p90 bands; needs ``quantiles``), or several;
+            empty for none.
         max_steps: Steps kept per mode in :attr:`history` (older ones are thinned evenly).
         quantiles: Per-label quantile levels for every mode, e.g. ``(0.1, 0.25, 0.5, 0.75, 0.9)``
             (see :class:`~labeltrack_log.GroupedStats`); the sinks then write ``p10`` ... ``p90``.
@@ -104,6 +105,12 @@ class Tracker:
             self.quantiles: tuple[float, ...] = check_levels(quantiles)  # per-label quantiles for every mode
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        wanted = (bounds,) if isinstance(bounds, str) else tuple(bounds) if isinstance(bounds, Iterable) else ()
+        if "quantile" in wanted and (0.5 not in self.quantiles or len(self.quantiles) < 3):
+            raise ConfigError(
+                f"bounds: 'quantile' draws the median with bands of the levels around it; expected quantiles "
+                f"with 0.5 and at least 3 levels, e.g. quantiles=(0.1, 0.25, 0.5, 0.75, 0.9), got quantiles={quantiles!r}"
+            )
         if label_names is not None and not isinstance(label_names, Mapping):
             raise ConfigError(f"label_names: expected a mapping label -> display name or None, got {type(label_names).__name__}")
         if labels is not None and (isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable)):
