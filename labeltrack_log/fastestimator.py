@@ -20,6 +20,7 @@ import numpy as np
 from .errors import ConfigError, missing_extra
 from .grouping import StatsTable, to_numpy
 from .history import StatsHistory
+from .naming import quantile_stat
 from .sinks import Sink
 from .tracker import Tracker
 
@@ -36,7 +37,8 @@ except ModuleNotFoundError as err:  # fastestimator itself, or the tensorflow/to
 
 __all__ = ["LabelTracker"]
 
-_BOUNDS = ("std", "range", None)  # FE's options, in the order FE writes their keys; None has no band figure
+_BOUNDS = ("std", "range", "quantile", None)  # FE's options (and ours, "quantile"), in the order FE writes their keys; None has no band figure
+DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)  # tracked for bounds="quantile" when no quantiles are given
 
 
 class _FirstSeen:
@@ -101,8 +103,10 @@ class LabelTracker(Trace):
             ``CrossEntropy(..., average_loss=False)``).
         label_mapping: ``{DisplayName: LabelValue}`` as in FE: names shown in graphs and sinks;
             labels not in it are not reported. None reports every label under its own value.
-        bounds: ``None``, ``"std"``, ``"range"`` or several of them: the FE Summary keys written
-            (mean +- std, (min, mean, max), or the mean alone) and the band figures rendered.
+        bounds: ``None``, ``"std"``, ``"range"``, ``"quantile"`` or several of them: the FE Summary
+            keys written (mean +- std, (min, mean, max), (p10, median, p90) with the outermost
+            tracked levels, or the mean alone) and the band figures rendered. ``"quantile"``
+            tracks ``quantiles=(0.1, 0.25, 0.5, 0.75, 0.9)`` unless ``quantiles`` is given.
         mode: Mode(s) to track, as in FE (``"eval"``, ``["train", "eval"]``, ``"!infer"``, None
             for all). One accumulator per mode.
         ds_id: Dataset id(s) to track, as in FE. Batches of every tracked ds_id of a mode are
@@ -155,8 +159,10 @@ class LabelTracker(Trace):
         bounds = set(to_set(bounds)) or {None}
         bad = [b for b in bounds if b not in _BOUNDS]
         if bad:
-            raise ConfigError(f"bounds: expected None, 'std', 'range' or a list of them, got {sorted(map(repr, bad))}")
+            raise ConfigError(f"bounds: expected None, 'std', 'range', 'quantile' or a list of them, got {sorted(map(repr, bad))}")
         self.bounds = bounds
+        if "quantile" in bounds and quantiles is None:
+            quantiles = DEFAULT_QUANTILES
         # Same attribute as FE's trace: {LabelValue: DisplayName}, or None.
         self.label_mapping = {val: key for key, val in label_mapping.items()} if label_mapping else None
         self.label_summaries: Dict[Any, Summary] = {}  # FE's output, in FE's order
@@ -245,6 +251,11 @@ class LabelTracker(Trace):
                 history[f"{metric} ($\\mu \\pm \\sigma$)"][step] = ValWithError(row.mean - row.std, row.mean, row.mean + row.std)
             if "range" in self.bounds:
                 history[f"{metric} ($min, \\mu, max$)"][step] = ValWithError(row.min, row.mean, row.max)
+            if "quantile" in self.bounds and row.quantiles:
+                levels = sorted(row.quantiles)
+                lo, hi = levels[0], levels[-1]
+                history[f"{metric} ({quantile_stat(lo)}, median, {quantile_stat(hi)})"][step] = ValWithError(
+                    row.quantiles[lo], row.quantiles.get(0.5, float("nan")), row.quantiles[hi])
             if None in self.bounds:
                 history[metric][step] = row.mean
 

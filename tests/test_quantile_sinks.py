@@ -208,3 +208,27 @@ def test_fe_trace_passes_levels_on():
 
     trace = LabelTracker(label="y", metric="ce", sinks=None, quantiles=(0.25, 0.75))
     assert trace._tracker.quantiles == (0.25, 0.75)
+
+
+def test_fe_trace_bound_quantile_writes_a_summary_key_with_median_and_outer_levels(tmp_path):
+    pytest.importorskip("fastestimator")
+    from test_fe_parity import drive, torch_float_epochs
+
+    from labeltrack_log.fastestimator import LabelTracker
+
+    path = tmp_path / "q.jsonl"
+    trace = LabelTracker("y", "acc", outputs="out", mode=["train", "eval"], bounds=["quantile", "std"],
+                         sinks={"type": "jsonl", "path": str(path)}, figures="end")
+    response, _ = drive(trace, torch_float_epochs())
+    assert trace._tracker.quantiles == LEVELS  # the default levels of bounds="quantile"
+    h = StatsHistory.from_file(path)
+    checked = 0
+    for summary in response["out"]:
+        for mode, keys in summary.history.items():
+            series = keys["acc (p10, median, p90)"]
+            for step, v in series.items():
+                table = dict(h.items("out", mode))[step]
+                row = table[int(summary.name)] if not isinstance(summary.name, str) or summary.name.isdigit() else table[summary.name]
+                assert (v.y_min, v.y, v.y_max) == (row.quantiles[0.1], row.quantiles[0.5], row.quantiles[0.9])
+                checked += 1
+    assert checked > 0
