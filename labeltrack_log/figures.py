@@ -425,7 +425,7 @@ class BandFigure:
             title = _short(texts[r])
             if heatmap:
                 title = f"{slot + 1}. {title}"
-            panel.update(x, center[r], lo[r], hi[r], ref, title, self._count_text(dense, r),
+            panel.update(x, center[r], lo[r], hi[r], ref, title, self._count_text(dense, r, center),
                          None if inner is None else (inner[0][r], inner[1][r]))
         self._set_limits(x, lo[rows], hi[rows], ref)
         if self._heat is not None:
@@ -436,10 +436,10 @@ class BandFigure:
         return self._fig
 
     @staticmethod
-    def _count_text(dense: "DenseHistory", r: int) -> str:
+    def _count_text(dense: "DenseHistory", r: int, center: np.ndarray | None = None) -> str:
         if not len(dense.steps):
             return ""
-        count, bad, mean = dense.count[r, -1], dense.nonfinite[r, -1], dense.mean[r, -1]
+        count, bad, mean = dense.count[r, -1], dense.nonfinite[r, -1], (dense.mean if center is None else center)[r, -1]
         if not np.isfinite(count):
             return "absent at last step"
         text = f"last {mean:.3g} · n={int(count):,}" if np.isfinite(mean) else f"n={int(count):,}"
@@ -538,7 +538,8 @@ class BandFigure:
                 Patch(facecolor=_SKY, alpha=0.45, label=f"{quantile_stat(lo)}–{quantile_stat(hi)}"),
                 Line2D([], [], color=_GREY, lw=1.0, ls=(0, (3, 2)), label="mean of medians"),
             ]
-        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1 - _RIGHT / W, 1 - 0.12 / H), ncol=len(handles),
+        key_y = 0.38 if len(handles) > 3 else 0.12  # a four-entry key goes on the summary line, clear of the title
+        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1 - _RIGHT / W, 1 - key_y / H), ncol=len(handles),
                    frameon=False, fontsize=8, handlelength=1.8, columnspacing=1.2)
         fig.text((_LEFT + (W - _LEFT - _RIGHT) / 2) / W, 0.06 / H, "step", ha="center", va="bottom", fontsize=8, color=_TEXT)
         self._ylabel = fig.text(0.08 / W, (_BOTTOM + grid_h / 2) / H, "", rotation=90, ha="left", va="center",
