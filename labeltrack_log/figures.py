@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["BandFigure", "band_figure", "render_files", "figure_to_png", "figure_to_rgb", "BOUNDS", "SORTS"]
 
 #: Band kinds: mean ± std, or the min..max range around the mean.
-BOUNDS = {"std": "mean ± std", "range": "min–max range", "quantile": "median with quantile bands"}
+BOUNDS = {"std": "mean ± std", "range": "min–max range", "quantile": "median with quantile bands", "ci": "95% CI of the mean"}
 #: Panel/row orders: labels in natural order, or the worst latest mean first.
 SORTS = ("natural", "worst")
 
@@ -100,6 +100,8 @@ def _bounds(dense: "DenseHistory", bound: str) -> tuple[np.ndarray, np.ndarray]:
     if bound == "quantile":
         _, lo, hi, _, _ = _quantile_levels(dense)
         return dense.quantiles[lo], dense.quantiles[hi]
+    if bound == "ci":
+        return dense.ci_low, dense.ci_high
     if bound == "std":
         return dense.mean - dense.std, dense.mean + dense.std
     return dense.min, dense.max

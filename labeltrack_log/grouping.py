@@ -146,11 +146,11 @@ class StatsTable:
     """
 
     COLUMNS = ("labels", "count", "mean", "std", "min", "max", "nonfinite")
-    __slots__ = ("labels", "count", "mean", "std", "min", "max", "nonfinite", "_index", "quantile_levels", "_quantiles")
+    __slots__ = ("labels", "count", "mean", "std", "min", "max", "nonfinite", "_index", "quantile_levels", "_quantiles", "binary")
 
     def __init__(
         self, labels: Any, count: Any, mean: Any, std: Any, min: Any, max: Any, nonfinite: Any,  # noqa: A002
-        *, quantile_levels: Sequence[float] = (), quantiles: Any = None,
+        *, quantile_levels: Sequence[float] = (), quantiles: Any = None, binary: Any = None,
     ) -> None:
         self.labels = np.asarray(labels)
         self.count = np.asarray(count, dtype=np.int64)
@@ -169,9 +169,36 @@ class StatsTable:
         if qs.shape != (n, len(self.quantile_levels)):
             raise InputShapeError(f"StatsTable quantiles: expected shape ({n}, {len(self.quantile_levels)}) for levels {self.quantile_levels}, got {qs.shape}")
         self._quantiles = qs
-        for arr in (self.labels, self.count, self.mean, self.std, self.min, self.max, self.nonfinite, self._quantiles):
+        self.binary = np.zeros(n, dtype=bool) if binary is None else np.asarray(binary, dtype=bool)
+        if self.binary.shape != (n,):
+            raise InputShapeError(f"StatsTable column 'binary': expected shape ({n},), got {self.binary.shape}")
+        for arr in (self.labels, self.count, self.mean, self.std, self.min, self.max, self.nonfinite, self._quantiles, self.binary):
             arr.flags.writeable = False
         self._index: dict[Any, int] | None = None
+
+    def confidence_interval(self, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of each label's mean at ``z`` (1.96: 95%): the Wilson score interval for a
+        label whose finite values are all 0 or 1 (:attr:`binary`), else mean ± z·std/√n.
+        NaN for a label without finite values.
+
+        Example:
+            >>> t = StatsTable([0], [10], [0.9], [0.316], [0.0], [1.0], [0], binary=[True])
+            >>> [round(float(x[0]), 3) for x in t.confidence_interval()]
+            [0.596, 0.982]
+        """
+        n = self.count.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            half = z * self.std / np.sqrt(n)
+            lo, hi = self.mean - half, self.mean + half
+            p = np.clip(self.mean, 0.0, 1.0)
+            z2n = z * z / n
+            centre = (p + z2n / 2) / (1 + z2n)
+            spread = z * np.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
+        wilson = self.binary & (self.count > 0)
+        lo = np.where(wilson, centre - spread, lo)
+        hi = np.where(wilson, centre + spread, hi)
+        none = self.count == 0
+        return np.where(none, np.nan, lo), np.where(none, np.nan, hi)
 
     def quantile(self, q: float) -> np.ndarray:
         """The estimates of quantile level ``q`` (one of :attr:`quantile_levels`), one per label.
@@ -231,7 +258,8 @@ class StatsTable:
     def take(self, rows: Sequence[int] | np.ndarray) -> "StatsTable":
         """A new table with the given row positions, in the given order."""
         idx = np.asarray(rows, dtype=np.int64)
-        return StatsTable(*(getattr(self, c)[idx] for c in self.COLUMNS), quantile_levels=self.quantile_levels, quantiles=self._quantiles[idx])
+        return StatsTable(*(getattr(self, c)[idx] for c in self.COLUMNS), quantile_levels=self.quantile_levels,
+                          quantiles=self._quantiles[idx], binary=self.binary[idx])
 
     def select(self, labels: Sequence[Any]) -> "StatsTable":
         """A new table restricted to ``labels`` (in that order); labels not present are skipped."""
@@ -318,6 +346,7 @@ class GroupedStats:
         self._min = np.full(cap, np.inf)
         self._max = np.full(cap, -np.inf)
         self._nonfinite = np.zeros(cap, dtype=np.int64)
+        self._inner = np.zeros(cap, dtype=bool)  # a finite value strictly between 0 and 1 was seen
         self._lbuf = np.empty(_CHUNK, dtype=np.int64)
         self._vbuf = np.empty(_CHUNK, dtype=np.float64)
         self._sbuf = np.empty(_CHUNK, dtype=np.int64)
@@ -354,7 +383,7 @@ class GroupedStats:
         self._flush()
         state = self.__dict__.copy()
         n = len(self._labels)
-        for key in ("_count", "_mean", "_m2", "_min", "_max", "_nonfinite"):
+        for key in ("_count", "_mean", "_m2", "_min", "_max", "_nonfinite", "_inner"):
             state[key] = state[key][:n].copy()
         for key in ("_lbuf", "_vbuf", "_sbuf", "_work"):
             del state[key]
@@ -362,6 +391,8 @@ class GroupedStats:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "_inner" not in state:  # pickled before 0/1 tracking existed: unknown, so not 0/1
+            self._inner = np.ones(len(state["_count"]), dtype=bool)
         if "quantile_levels" not in state:  # pickled before quantiles existed
             self.quantile_levels, self._sketch_config, self._sketch = (), (DEFAULT_SCALE, DEFAULT_MAX_BUCKETS), None
         self._lbuf = np.empty(_CHUNK, dtype=np.int64)
@@ -463,7 +494,7 @@ class GroupedStats:
         if n <= cap:
             return
         new = max(n, 2 * cap)
-        for name, fill in (("_count", 0), ("_mean", 0.0), ("_m2", 0.0), ("_min", np.inf), ("_max", -np.inf), ("_nonfinite", 0)):
+        for name, fill in (("_count", 0), ("_mean", 0.0), ("_m2", 0.0), ("_min", np.inf), ("_max", -np.inf), ("_nonfinite", 0), ("_inner", False)):
             old = getattr(self, name)
             arr = np.full(new, fill, dtype=old.dtype)
             arr[:cap] = old
@@ -519,6 +550,15 @@ class GroupedStats:
         s2 = np.bincount(slots, weights=sq, minlength=k)
         np.minimum.at(self._min, slots, val)
         np.maximum.at(self._max, slots, val)
+        # 0/1 metrics (for the Wilson interval): only labels still within [0, 1] without an inner
+        # value are checked, so a loss costs this once and then only O(labels) per chunk.
+        maybe = ~self._inner[:k] & (self._min[:k] >= 0.0) & (self._max[:k] <= 1.0)
+        if maybe.any():
+            m = maybe[slots]
+            v = val[m]
+            inner = (v > 0.0) & (v < 1.0)
+            if inner.any():
+                self._inner[slots[m][inner]] = True
         idx = np.flatnonzero(cnt)
         nb = cnt[idx]
         d1 = s1[idx]
@@ -558,6 +598,7 @@ class GroupedStats:
         if self._sketch is not None:
             self._sketch.merge(other._sketch, slots)
         self._nonfinite[slots] += other._nonfinite[:k]
+        self._inner[slots] |= other._inner[:k]
         np.minimum.at(self._min, slots, other._min[:k])
         np.maximum.at(self._max, slots, other._max[:k])
         has = other._count[:k] > 0
@@ -610,5 +651,6 @@ class GroupedStats:
             min=np.where(seen, self._min[:k][order], np.nan),
             max=np.where(seen, self._max[:k][order], np.nan),
             nonfinite=self._nonfinite[:k][order],
+            binary=seen & ~self._inner[:k][order] & (self._min[:k][order] >= 0.0) & (self._max[:k][order] <= 1.0),
             **quant,
         )

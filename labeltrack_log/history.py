@@ -56,6 +56,8 @@ class DenseHistory:
         steps: int64 array of the kept steps, increasing.
         count, mean, std, min, max, nonfinite: the matrices.
         quantiles: quantile level -> matrix, for the levels the tables carry (empty without).
+        ci_low, ci_high: the 95% confidence interval of each mean
+            (:meth:`~labeltrack_log.StatsTable.confidence_interval`).
     """
 
     name: str
@@ -69,6 +71,8 @@ class DenseHistory:
     max: np.ndarray
     nonfinite: np.ndarray
     quantiles: Mapping[float, np.ndarray] = field(default_factory=dict)
+    ci_low: np.ndarray | None = None
+    ci_high: np.ndarray | None = None
 
 
 class _Series:
@@ -424,6 +428,7 @@ def _densify(name: str, mode: str, steps: list[int], tables: list[StatsTable]) -
     stats = ("count", "mean", "std", "min", "max", "nonfinite")
     out = {s: np.full((n, m), np.nan) for s in stats}
     quantiles: dict[float, np.ndarray] = {}
+    ci = {s: np.full((n, m), np.nan) for s in ("ci_low", "ci_high")}
     union_arr = np.array(labels_list) if labels_list else np.array([], dtype=np.int64)
     for j, table in enumerate(tables):
         if not len(table):
@@ -434,11 +439,12 @@ def _densify(name: str, mode: str, steps: list[int], tables: list[StatsTable]) -
             rows = np.fromiter((index[lab] for lab in table.labels.tolist()), dtype=np.int64, count=len(table))
         for s in stats:
             out[s][rows, j] = getattr(table, s)
+        ci["ci_low"][rows, j], ci["ci_high"][rows, j] = table.confidence_interval()
         for q in table.quantile_levels:
             if q not in quantiles:
                 quantiles[q] = np.full((n, m), np.nan)
             quantiles[q][rows, j] = table.quantile(q)
-    for arr in (*out.values(), *quantiles.values()):
+    for arr in (*out.values(), *quantiles.values(), *ci.values()):
         arr.flags.writeable = False
     return DenseHistory(name, mode, union_arr, np.asarray(steps, dtype=np.int64), **out,
-                        quantiles={q: quantiles[q] for q in sorted(quantiles)})
+                        quantiles={q: quantiles[q] for q in sorted(quantiles)}, **ci)
