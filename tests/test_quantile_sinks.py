@@ -232,3 +232,60 @@ def test_fe_trace_bound_quantile_writes_a_summary_key_with_median_and_outer_leve
                 assert (v.y_min, v.y, v.y_max) == (row.quantiles[0.1], row.quantiles[0.5], row.quantiles[0.9])
                 checked += 1
     assert checked > 0
+
+
+# ------------------------------------------------------------------------ ci in sinks
+def zero_one_table(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    g = GroupedStats()
+    y = rng.integers(0, 3, 300)
+    correct = (rng.random(300) < 0.3 + 0.2 * y).astype(float)
+    correct[y == 2] = 0.5 * correct[y == 2] + 0.25  # label 2 is not a 0/1 metric
+    g.update(y, correct)
+    return g.compute()
+
+
+def test_tensorboard_ci_tags_and_margin_chart_for_zero_one_labels(tmp_path):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    root = tmp_path / "tb"
+    root.mkdir()
+    t = zero_one_table()
+    lo, hi = t.confidence_interval()
+    with TensorBoardSink(root / "ci") as sink:
+        sink.log_stats(t, step=4, name="acc", mode="eval")
+    tb = servers.tensorboard_server(root, tmp_path / "tb.log")
+    try:
+        for r in (0, 1):
+            for stat, want in (("ci_low", lo[r]), ("ci_high", hi[r])):
+                got = _wait(lambda: _get(tb.url, "/data/plugin/scalars/scalars", run="ci/eval", tag=f"acc/{r}/{stat}"),
+                            lambda res: len(res) == 1, f"acc/{r}/{stat}")
+                assert got[0][1] == 4 and got[0][2] == float(np.float32(want))
+        tags = _get(tb.url, "/data/plugin/scalars/tags")["ci/eval"]
+        assert "acc/2/ci_low" not in tags  # not a 0/1 label
+        cat = _wait(lambda: next(c for c in _get(tb.url, "/data/plugin/custom_scalars/layout")["category"] if c["title"] == "acc"),
+                    lambda c: True, "the acc layout")
+        charts = {c["title"]: c["margin"]["series"] for c in cat["chart"]}
+        assert charts["1: mean with 95% CI"] == [{"value": "acc/1/mean", "lower": "acc/1/ci_low", "upper": "acc/1/ci_high"}]
+        assert "2: mean with 95% CI" not in charts
+    finally:
+        tb.stop()
+
+
+def test_mlflow_ci_keys_for_zero_one_labels(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from labeltrack_log.sinks.mlflow import MLflowSink
+
+    t = zero_one_table(1)
+    lo, hi = t.confidence_interval()
+    uri = f"sqlite:///{(tmp_path / 'm.db').as_posix()}"
+    with MLflowSink(uri, experiment="ci") as sink:
+        sink.log_stats(t, step=2, name="acc", mode="eval")
+        run_id = sink.run_id
+    client = MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/eval/0/ci_low")] == [(2, float(lo[0]))]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/eval/1/ci_high")] == [(2, float(hi[1]))]
+    assert client.get_metric_history(run_id, "acc/eval/2/ci_low") == []

@@ -360,6 +360,12 @@ class MLflowSink(Sink):
             for i, text in enumerate(self.label_texts(t.labels.tolist(), name)):
                 for stat, col in zip(qstats, qcols):
                     rows.append([mlflow_key(name, mode, text, stat), col[i], ts, step])
+        if t.binary.any():  # 0/1 metrics: the 95% Wilson interval of the mean
+            lo, hi = t.confidence_interval()
+            for i, text in enumerate(self.label_texts(t.labels.tolist(), name)):
+                if t.binary[i]:
+                    rows.append([mlflow_key(name, mode, text, "ci_low"), float(lo[i]), ts, step])
+                    rows.append([mlflow_key(name, mode, text, "ci_high"), float(hi[i]), ts, step])
         for stat, value in view.aggregates.items():
             rows.append([mlflow_key(name, mode, SUMMARY, stat), value if math.isfinite(value) else math.nan, ts, step])
         ops = [self._op("metrics", step=step, metrics=rows[i:i + MAX_METRICS_PER_REQUEST])

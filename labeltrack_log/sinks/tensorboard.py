@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_STATS = ("mean", "std", "min", "max", "count", "mean-std", "mean+std")
 SUMMARY_STATS = AGGREGATES  # every one at every step: a margin chart needs its three series at the same steps
+CI_STATS = ("ci_low", "ci_high")  # written for labels whose values are all 0 or 1
 LAYOUT_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
 
 # ---------------------------------------------------------------------------- fast CRC32C
@@ -311,6 +312,16 @@ class TensorBoardSink(Sink):
             for text, vals in zip(texts, qvalues):
                 for tag, value in zip(self._label_tags(name, text, qstats), vals):
                     add(tag=tag, simple_value=value)
+        ci_texts = []
+        if rows.binary.any():  # 0/1 metrics: the 95% Wilson interval of the mean, <name>/<label>/ci_low|ci_high
+            lo, hi = rows.confidence_interval()
+            for text, is_binary, low, high in zip(texts, rows.binary.tolist(), lo.tolist(), hi.tolist()):
+                if is_binary:
+                    ci_texts.append(text)
+                    tag_lo, tag_hi = self._label_tags(name, text, CI_STATS)
+                    add(tag=tag_lo, simple_value=low)
+                    add(tag=tag_hi, simple_value=high)
+        self.__dict__.setdefault("_ci_charts", {})[(str(self.run_dir(mode)), name)] = tuple(ci_texts)
         summary_stats = SUMMARY_STATS + (("median_of_medians",) if "median_of_medians" in view.aggregates else ())
         for stat, tag in zip(summary_stats, self._label_tags(name, naming.SUMMARY, summary_stats)):
             add(tag=tag, simple_value=view.aggregates.get(stat, float("nan")))
@@ -347,16 +358,19 @@ class TensorBoardSink(Sink):
         key = tuple(sorted(charts.items()))
         quantile_charts = self.__dict__.setdefault("_quantile_charts", {})
         key = key + tuple(sorted((n, q) for (r, n), q in quantile_charts.items() if r == run and q))
+        key = key + tuple(sorted(("ci", n, c) for (r, n), c in self.__dict__.setdefault("_ci_charts", {}).items() if r == run and c))
         if self._layout_written.get(run) == key:
             return
         qs = {n: q for (r, n), q in self.__dict__.setdefault("_quantile_charts", {}).items() if r == run}
-        layout = layout_pb2.Layout(category=[self._category(n, labs, qs.get(n, ())) for n, labs in sorted(charts.items())])
+        cis = {n: c for (r, n), c in self.__dict__.setdefault("_ci_charts", {}).items() if r == run}
+        layout = layout_pb2.Layout(category=[self._category(n, labs, qs.get(n, ()), cis.get(n, ())) for n, labs in sorted(charts.items())])
         tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[layout.SerializeToString()],
                                         tensor_shape=tensor_shape_pb2.TensorShapeProto())
         event.summary.value.add(tag=LAYOUT_TAG, tensor=tensor, metadata=_plugin_metadata("custom_scalars", b""))
         self._layout_written[run] = key  # if the write fails, the file is dropped and this entry with it
 
-    def _category(self, name: str, labels: tuple[str, ...], qstats: tuple[str, ...] = ()) -> "layout_pb2.Category":
+    def _category(self, name: str, labels: tuple[str, ...], qstats: tuple[str, ...] = (),
+                  ci_labels: tuple[str, ...] = ()) -> "layout_pb2.Category":
         Series = layout_pb2.MarginChartContent.Series
 
         def chart(title: str, value: str, lower: str, upper: str) -> "layout_pb2.Chart":
@@ -372,6 +386,8 @@ class TensorBoardSink(Sink):
             if "p50" in qstats and len(qstats) >= 3:  # median with the outermost tracked levels
                 qtags = self._label_tags(name, text, qstats)
                 charts.append(chart(f"{text}: median with {qstats[0]}..{qstats[-1]}", qtags[qstats.index("p50")], qtags[0], qtags[-1]))
+            if text in ci_labels:
+                charts.append(chart(f"{text}: mean with 95% CI", tags[0], *self._label_tags(name, text, CI_STATS)))
         return layout_pb2.Category(title=str(name), chart=charts, closed=False)
 
     # ----------------------------------------------------------------- figures
