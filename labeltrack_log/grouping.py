@@ -146,11 +146,13 @@ class StatsTable:
     """
 
     COLUMNS = ("labels", "count", "mean", "std", "min", "max", "nonfinite")
-    __slots__ = ("labels", "count", "mean", "std", "min", "max", "nonfinite", "_index", "quantile_levels", "_quantiles", "binary")
+    __slots__ = ("labels", "count", "mean", "std", "min", "max", "nonfinite", "_index", "quantile_levels", "_quantiles", "binary",
+                 "histograms")
 
     def __init__(
         self, labels: Any, count: Any, mean: Any, std: Any, min: Any, max: Any, nonfinite: Any,  # noqa: A002
         *, quantile_levels: Sequence[float] = (), quantiles: Any = None, binary: Any = None,
+        histograms: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.labels = np.asarray(labels)
         self.count = np.asarray(count, dtype=np.int64)
@@ -175,6 +177,26 @@ class StatsTable:
         for arr in (self.labels, self.count, self.mean, self.std, self.min, self.max, self.nonfinite, self._quantiles, self.binary):
             arr.flags.writeable = False
         self._index: dict[Any, int] | None = None
+        #: None, or every row's sketch buckets as (row pointer, lower edges, upper edges, counts)
+        self.histograms = histograms
+        if histograms is not None and len(histograms[0]) != n + 1:
+            raise InputShapeError(f"StatsTable histograms: expected a row pointer of length {n + 1}, got {len(histograms[0])}")
+
+    def histogram(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(lower edges, upper edges, counts) of row ``i``'s non-empty sketch buckets, in value
+        order, or None when the table has no histograms (``GroupedStats.compute(histograms=True)``)."""
+        if self.histograms is None:
+            return None
+        ptr, lower, upper, counts = self.histograms
+        a, b = ptr[i], ptr[i + 1]
+        return lower[a:b], upper[a:b], counts[a:b]
+
+    def without_histograms(self) -> "StatsTable":
+        """This table without its histograms (what a history keeps: they are large)."""
+        if self.histograms is None:
+            return self
+        return StatsTable(*(getattr(self, c) for c in self.COLUMNS), quantile_levels=self.quantile_levels,
+                          quantiles=self._quantiles, binary=self.binary)
 
     def confidence_interval(self, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) of each label's mean at ``z`` (1.96: 95%): the Wilson score interval for a
@@ -258,8 +280,15 @@ class StatsTable:
     def take(self, rows: Sequence[int] | np.ndarray) -> "StatsTable":
         """A new table with the given row positions, in the given order."""
         idx = np.asarray(rows, dtype=np.int64)
+        hist = None
+        if self.histograms is not None:
+            ptr, lower, upper, counts = self.histograms
+            parts = [np.arange(ptr[i], ptr[i + 1]) for i in idx.tolist()]
+            sel = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            sizes = np.array([len(p) for p in parts], dtype=np.int64)
+            hist = (np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), lower[sel], upper[sel], counts[sel])
         return StatsTable(*(getattr(self, c)[idx] for c in self.COLUMNS), quantile_levels=self.quantile_levels,
-                          quantiles=self._quantiles[idx], binary=self.binary[idx])
+                          quantiles=self._quantiles[idx], binary=self.binary[idx], histograms=hist)
 
     def select(self, labels: Sequence[Any]) -> "StatsTable":
         """A new table restricted to ``labels`` (in that order); labels not present are skipped."""
@@ -615,10 +644,12 @@ class GroupedStats:
                 f"(scale, max_buckets = {theirs[1]}); create both with the same quantile settings"
             )
 
-    def compute(self) -> StatsTable:
+    def compute(self, histograms: bool = False) -> StatsTable:
         """The per-label statistics of everything seen since the last ``reset``.
 
-        The accumulator keeps its state: call ``reset()`` to start a new epoch.
+        The accumulator keeps its state: call ``reset()`` to start a new epoch. With
+        ``histograms=True`` (and quantiles tracked) the table also carries every label's sketch
+        buckets (:meth:`StatsTable.histogram`), e.g. for ``TensorBoardSink(histograms=True)``.
         """
         self._flush()
         k = len(self._labels)
@@ -643,6 +674,10 @@ class GroupedStats:
             with np.errstate(invalid="ignore"):
                 est = np.where(seen[:, None], np.clip(est, lo, hi), np.nan)
             quant = {"quantile_levels": self.quantile_levels, "quantiles": est}
+            if histograms:
+                rows_of_slots = np.empty(k, dtype=np.int64)
+                rows_of_slots[order] = np.arange(k)
+                quant["histograms"] = self._sketch.histograms(rows_of_slots, k)
         return StatsTable(
             labels=labels[order].astype(bool) if self._kind == "bool" else labels[order],
             count=count,

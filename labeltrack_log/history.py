@@ -165,6 +165,7 @@ class StatsHistory:
         """
         if not isinstance(table, StatsTable):
             raise TypeError(f"append: expected a StatsTable, got {type(table).__name__}")
+        table = table.without_histograms()  # sketch buckets are for the sinks, too large to keep per step
         if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"append: expected an int step, got {step!r}")
         for what, value in (("name", name), ("mode", mode)):

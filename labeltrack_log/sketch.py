@@ -459,6 +459,26 @@ class ExpHistograms:
         out[:n] = np.where((total > 0)[:, None], est, np.nan)
         return out
 
+    def edges(self, sign: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) edges of buckets given by sign and index at the current scale."""
+        step = 2.0**-self.scale
+        with np.errstate(over="ignore", under="ignore"):
+            a, b = np.exp2(idx * step), np.exp2((idx + 1) * step)
+        lower = np.where(sign > 0, a, np.where(sign < 0, -b, 0.0))
+        upper = np.where(sign > 0, b, np.where(sign < 0, -a, 0.0))
+        return lower, upper
+
+    def histograms(self, rows_of_slots: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every slot's non-empty buckets as one CSR block: (row pointer (num_rows + 1,), lower
+        edges, upper edges, counts), slot k at row ``rows_of_slots[k]``, buckets in value order."""
+        _, keys, counts = self.state()
+        slot, sign, idx = _decode(keys)
+        row = np.asarray(rows_of_slots, dtype=np.int64)[slot]
+        order = np.argsort(row, kind="stable")  # keys are in value order within a slot: kept
+        lower, upper = self.edges(sign[order], idx[order])
+        ptr = np.searchsorted(row[order], np.arange(num_rows + 1), side="left")
+        return ptr, lower, upper, counts[order]
+
     def buckets(self, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lower edges, upper edges, counts) of ``slot``'s non-empty buckets in increasing value
         order. A positive bucket i covers ``(base**i, base**(i+1)]``, a negative one

@@ -216,7 +216,8 @@ class Tracker:
             stats = self._stats.pop(mode, None)
             if stats is None:
                 continue
-            table = tables[mode] = self._restrict(stats.compute())
+            wants_histograms = any(getattr(sink, "histograms", False) for sink in (self._sinks or []))
+            table = tables[mode] = self._restrict(stats.compute(histograms=wants_histograms))
             if step <= self._logged.get(mode, step - 1):
                 logger.info("%s: %s step %d was already logged; not sending it again", self.name, mode, step)
                 continue

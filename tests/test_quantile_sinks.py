@@ -289,3 +289,55 @@ def test_mlflow_ci_keys_for_zero_one_labels(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/eval/0/ci_low")] == [(2, float(lo[0]))]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/eval/1/ci_high")] == [(2, float(hi[1]))]
     assert client.get_metric_history(run_id, "acc/eval/2/ci_low") == []
+
+
+# ------------------------------------------------------------------ TensorBoard histograms
+def test_tensorboard_histograms_from_the_sketch_buckets(tmp_path):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    root = tmp_path / "tb"
+    root.mkdir()
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 3, 3000)
+    v = rng.gamma(2.0, 0.5, 3000) * np.where(y == 2, -1, 1)  # label 2 negative
+    v[:50] = 0.0
+    sink = TensorBoardSink(root / "h", histograms=True, label_budget=2)
+    tr = Tracker("ce", sinks=[sink], quantiles=LEVELS, figures=None)
+    for step in (1, 2):
+        tr.update(y, v * step, mode="eval")
+        tr.end_epoch(step)
+    tr.close()
+    assert tr.history.latest("ce", "eval").histograms is None  # the history does not keep the buckets
+    tb = servers.tensorboard_server(root, tmp_path / "tb.log")
+    try:
+        for lab in (0, 1):  # the budgeted labels
+            got = _wait(lambda: _get(tb.url, "/data/plugin/histograms/histograms", run="h/eval", tag=f"ce/{lab}/histogram"),
+                        lambda r: len(r) == 2, f"histogram of label {lab}")
+            for (_, step, buckets) in got:
+                x = np.sort(v[y == lab] * step)
+                assert [b[1] for b in got] == [1, 2]
+                total = sum(c for _, _, c in buckets)
+                assert total == pytest.approx(len(x))
+                # every bucket holds the samples between its edges (up to the sketch's relative accuracy)
+                for left, right, c in buckets:
+                    if c:
+                        inside = np.count_nonzero((x >= left * (1 - 0.011) - 1e-12) & (x <= right * (1 + 0.011) + 1e-12))
+                        assert inside >= c
+                assert buckets[0][0] <= x[0] * 1.011 + 1e-12 and buckets[-1][1] >= x[-1] * 0.989
+        tags = _get(tb.url, "/data/plugin/histograms/tags")["h/eval"]
+        assert "ce/2/histogram" not in tags  # over the label budget: no per-label histogram
+    finally:
+        tb.stop()
+
+
+def test_tensorboard_histograms_without_quantiles_warn_once(tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    g = GroupedStats()
+    g.update([0, 1], [1.0, 2.0])
+    with caplog.at_level(logging.WARNING), TensorBoardSink(tmp_path / "w", histograms=True) as sink:
+        sink.log_stats(g.compute(), step=1, name="ce", mode="eval")
+        sink.log_stats(g.compute(), step=2, name="ce", mode="eval")
+    assert caplog.text.count("has no sketch buckets") == 1

@@ -193,6 +193,7 @@ class TensorBoardSink(Sink):
         label_names: Mapping[Any, str] | None = None,
         run_name: str | None = None,
         fsync: bool = False,
+        histograms: bool = False,
     ) -> None:
         if not _AVAILABLE:
             raise missing_extra("tensorboard", "tensorboard", "TensorBoardSink")
@@ -204,6 +205,9 @@ class TensorBoardSink(Sink):
         self.logdir = Path(logdir).absolute()
         self.run_name = run_name
         self.fsync = bool(fsync)
+        #: write each budgeted label's distribution as a histogram, <name>/<label>/histogram
+        #: (needs tables from GroupedStats(quantiles=...).compute(histograms=True); Tracker asks for them)
+        self.histograms = bool(histograms)
         ensure_writable_dir(self.logdir, "TensorBoardSink logdir")
         self._files: dict[str, tuple[BinaryIO, _FastRecordWriter]] = {}  # run dir -> open event file
         self._charts: dict[str, dict[str, tuple[str, ...]]] = {}  # run dir -> name -> labels charted
@@ -322,6 +326,8 @@ class TensorBoardSink(Sink):
                     add(tag=tag_lo, simple_value=low)
                     add(tag=tag_hi, simple_value=high)
         self.__dict__.setdefault("_ci_charts", {})[(str(self.run_dir(mode)), name)] = tuple(ci_texts)
+        if self.__dict__.get("histograms"):
+            self._add_histograms(add, name, texts, rows)
         summary_stats = SUMMARY_STATS + (("median_of_medians",) if "median_of_medians" in view.aggregates else ())
         for stat, tag in zip(summary_stats, self._label_tags(name, naming.SUMMARY, summary_stats)):
             add(tag=tag, simple_value=view.aggregates.get(stat, float("nan")))
@@ -330,6 +336,38 @@ class TensorBoardSink(Sink):
         self.__dict__.setdefault("_quantile_charts", {})[(str(self.run_dir(mode)), name)] = qstats
         self._add_layout(event, mode, name, tuple(texts))
         self._emit(mode, event, f"{len(event.summary.value)} values of {name!r} at step {step}")
+
+    def _add_histograms(self, add: Any, name: str, texts: list[str], rows: StatsTable) -> None:
+        """Each label's sketch buckets as a legacy HistogramProto (Histograms/Distributions tabs)."""
+        if rows.histograms is None:
+            if len(rows) and not self.__dict__.get("_warned_histograms"):
+                self._warned_histograms = True
+                logger.warning("TensorBoardSink(histograms=True): the table of %r has no sketch buckets; track "
+                               "quantiles (GroupedStats/Tracker(quantiles=...)) and compute(histograms=True)", name)
+            return
+        for i, text in enumerate(texts):
+            lower, upper, counts = rows.histogram(i)
+            n = int(rows.count[i])
+            if not n or not len(counts):
+                continue
+            limits: list[float] = []
+            buckets: list[float] = []
+            prev = None
+            for lo, hi, c in zip(lower.tolist(), upper.tolist(), counts.tolist()):
+                if prev is not None and lo > prev:  # a gap between used buckets: an empty bucket up to lo
+                    limits.append(lo)
+                    buckets.append(0.0)
+                elif prev is None:
+                    limits.append(lo)  # left edge of the first bucket (TensorBoard reads limit[i-1]..limit[i])
+                    buckets.append(0.0)
+                limits.append(hi)
+                buckets.append(float(c))
+                prev = hi
+            mean, std = float(rows.mean[i]), float(rows.std[i])
+            histo = summary_pb2.HistogramProto(
+                min=float(rows.min[i]), max=float(rows.max[i]), num=float(n), sum=mean * n,
+                sum_squares=std * std * (n - 1) + n * mean * mean, bucket_limit=limits, bucket=buckets)
+            add(tag=naming.tb_tag(name, text, "histogram"), histo=histo)
 
     def _add_table(self, add: Any, name: str, table: StatsTable, view: BudgetView) -> None:
         """The full table as a markdown text summary (TensorBoard's Text tab)."""
