@@ -51,7 +51,8 @@ _SHIFT = 24
 _POS = 1 << 21
 _BIAS = 1 << 23
 _LOW = (1 << _SHIFT) - 1
-_EMPTY_LO, _EMPTY_HI = 1 << 40, -(1 << 40)  # a row's used range before its first value
+_EMPTY_LO, _EMPTY_HI = 1 << 40, -(1 << 40)
+_BLOCK = 64  # columns per block in the two-level quantile search  # a row's used range before its first value
 
 
 def relative_accuracy(scale: int) -> float:
@@ -441,13 +442,24 @@ class ExpHistograms:
         rows = np.arange(n)
         col = np.zeros_like(rank)
         if width:
-            # one searchsorted for every row and level: rows laid end to end, each shifted above the last
-            cum = np.cumsum(cols, axis=1)
-            cum += prefix[:, None]
+            # Two levels, so the (labels, width) matrix is read once: block sums of _BLOCK columns,
+            # one searchsorted over every row's cumulative block sums (rows laid end to end, each
+            # shifted above the last), then a cumsum inside the one block each estimate falls in.
+            starts = np.arange(0, width, _BLOCK)
+            blocks = np.add.reduceat(cols, starts, axis=1)
+            bcum = np.cumsum(blocks, axis=1)
+            bcum += prefix[:, None]
             big = int(total.max()) + 1
-            cum += (rows * big)[:, None]
-            hit = np.searchsorted(cum.reshape(-1), rank + (rows * big)[:, None], side="right")
-            col = hit - (rows * width)[:, None]
+            nblocks = len(starts)
+            shifted = bcum + (rows * big)[:, None]
+            hb = np.searchsorted(shifted.reshape(-1), rank + (rows * big)[:, None], side="right") - (rows * nblocks)[:, None]
+            hb = np.minimum(hb, nblocks - 1)
+            before = np.where(hb > 0, bcum[rows[:, None], np.maximum(hb - 1, 0)], prefix[:, None])  # (n, L)
+            cells = starts[hb][..., None] + np.arange(_BLOCK)  # (n, L, _BLOCK)
+            inside = cells < width
+            got = np.where(inside, cols[rows[:, None, None], np.minimum(cells, width - 1)], 0)
+            within = np.cumsum(got, axis=2) + before[..., None]
+            col = starts[hb] + np.argmax(within > rank[..., None], axis=2)
         in_zero_prefix = rank < prefix[:, None]
         if wn:
             sign = np.where(col < wn, -1, np.where(col == wn, 0, 1))
