@@ -7,6 +7,9 @@ arrays and once as torch tensors (what FE's torch backend hands a trace). Best o
 
 Then the accumulator's peak memory (tracemalloc) at two sizes of N, to show it does not grow with N.
 
+Then quantiles (issue 13): GroupedStats(quantiles=(0.1, 0.25, 0.5, 0.75, 0.9)) against plain
+GroupedStats on the same batches, side by side (target: at most 2x), and its peak memory at two N.
+
     .venv/bin/python benchmarks/bench_grouping.py [--samples 1000000] [--labels 1000] [--batch 256]
 """
 
@@ -29,9 +32,12 @@ def batches(n: int, labels: int, batch: int, seed: int = 0) -> list[tuple[np.nda
     return [(y[i : i + batch], loss[i : i + batch]) for i in range(0, n, batch)]
 
 
-def run_ours(data) -> float:
+FIVE_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def run_ours(data, quantiles=None) -> float:
     t0 = time.perf_counter()
-    g = GroupedStats()
+    g = GroupedStats(quantiles=quantiles)
     for y, loss in data:
         g.update(y, loss)
     g.compute()
@@ -58,13 +64,13 @@ def best(fn, data, repeat: int) -> float:
     return min(fn(data) for _ in range(repeat))
 
 
-def peak_memory(n: int, labels: int, batch: int) -> int:
+def peak_memory(n: int, labels: int, batch: int, quantiles=None) -> int:
     """Peak bytes allocated while accumulating n samples (the input batches are created lazily)."""
     rng = np.random.default_rng(1)
     y_all = rng.integers(0, labels, batch * 64)
-    v_all = rng.random(batch * 64).astype(np.float32)
+    v_all = rng.gamma(2.0, 0.5, batch * 64).astype(np.float32)
     tracemalloc.start()
-    g = GroupedStats()
+    g = GroupedStats(quantiles=quantiles)
     done = 0
     while done < n:
         k = (done // batch) % 64
@@ -105,6 +111,17 @@ def main() -> None:
     print("accumulator peak memory (tracemalloc), 1,000 labels:")
     for size in (args.samples, 10 * args.samples):
         print(f"  N = {size:>11,}: {peak_memory(size, args.labels, args.batch) / 1e6:.2f} MB")
+
+    print(f"quantiles {FIVE_LEVELS} vs plain, same batches (target: ratio <= 2x):")
+    print(f"{'input':<15} {'plain':>14} {'5 quantiles':>14} {'ratio':>8}")
+    for label, batch_data in rows:
+        run_ours(batch_data, FIVE_LEVELS)  # warm up
+        plain = best(run_ours, batch_data, args.repeat)
+        quant = best(lambda d: run_ours(d, FIVE_LEVELS), batch_data, args.repeat)
+        print(f"{label:<15} {plain * 1e3:>11.1f} ms {quant * 1e3:>11.1f} ms {quant / plain:>7.2f}x")
+    print(f"accumulator peak memory (tracemalloc) with 5 quantiles, {args.labels:,} labels, gamma(2, 0.5) losses:")
+    for size in (args.samples, 10 * args.samples):
+        print(f"  N = {size:>11,}: {peak_memory(size, args.labels, args.batch, FIVE_LEVELS) / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

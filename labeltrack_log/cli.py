@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     render = sub.add_parser("render", help="re-render band figures from a CSV or JSONL sink file")
     render.add_argument("path", help="file written by CSVSink or JSONLSink")
     render.add_argument("-o", "--output", required=True, help="directory for the PNG files")
-    render.add_argument("--bound", choices=["std", "range"], default="std")
+    render.add_argument("--bound", choices=["std", "range", "quantile", "ci"], default="std")
     render.add_argument("--name", default=None, help="tracked name (default: every name in the file)")
     render.add_argument("--mode", default=None, help="mode (default: every mode in the file)")
     render.set_defaults(func=_render)

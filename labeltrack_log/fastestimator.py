@@ -22,6 +22,7 @@ from .errors import ConfigError, InputShapeError, missing_extra
 from .grouping import StatsTable, to_numpy
 from .history import StatsHistory
 from .run import Run
+from .naming import quantile_stat
 from .sinks import Sink
 from .tracker import Tracker
 
@@ -77,7 +78,8 @@ def estimator_run(system: Any) -> Run:
         pass
     return run
 
-_BOUNDS = ("std", "range", None)  # FE's options, in the order FE writes their keys; None has no band figure
+_BOUNDS = ("std", "range", "quantile", None)  # FE's options (and ours, "quantile"), in the order FE writes their keys; None has no band figure
+DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)  # tracked for bounds="quantile" when no quantiles are given
 
 
 class _FirstSeen:
@@ -149,8 +151,10 @@ class LabelTracker(Trace):
             ``CrossEntropy(..., average_loss=False)``).
         label_mapping: ``{DisplayName: LabelValue}`` as in FE: names shown in graphs and sinks;
             labels not in it are not reported. None reports every label under its own value.
-        bounds: ``None``, ``"std"``, ``"range"`` or several of them: the FE Summary keys written
-            (mean +- std, (min, mean, max), or the mean alone) and the band figures rendered.
+        bounds: ``None``, ``"std"``, ``"range"``, ``"quantile"`` or several of them: the FE Summary
+            keys written (mean +- std, (min, mean, max), (p10, median, p90) with the outermost
+            tracked levels, or the mean alone) and the band figures rendered. ``"quantile"``
+            tracks ``quantiles=(0.1, 0.25, 0.5, 0.75, 0.9)`` unless ``quantiles`` is given.
         mode: Mode(s) to track, as in FE (``"eval"``, ``["train", "eval"]``, ``"!infer"``, None
             for all). One accumulator per mode.
         ds_id: Dataset id(s) to track, as in FE. Batches of every tracked ds_id of a mode are
@@ -169,6 +173,8 @@ class LabelTracker(Trace):
             ``fastestimator.trace.io.TensorBoard`` trace in the Estimator, a TensorBoard sink without
             an explicit ``logdir`` writes into that trace's ``<log_dir>/<experiment time>/<mode>``.
         max_steps: Steps kept per mode for the figures (older ones are thinned evenly).
+        quantiles: Per-label quantile levels, e.g. ``(0.1, 0.25, 0.5, 0.75, 0.9)``, passed on to
+            the tracker: the sinks then write ``p10`` ... ``p90`` per label.
 
     Attributes:
         label_summaries: FE's output in the making: ``{label or display name: fe Summary}`` in FE's
@@ -201,19 +207,23 @@ class LabelTracker(Trace):
                  sinks: Any = None,
                  figures: Union[None, str, int] = "end",
                  max_steps: int = 256,
+                 quantiles: Optional[Iterable[float]] = None,
                  run: Optional[Run] = None) -> None:
         super().__init__(inputs=[label, metric], outputs=outputs or f"{metric}_by_{label}", mode=mode, ds_id=ds_id)
         bounds = set(to_set(bounds)) or {None}
         bad = [b for b in bounds if b not in _BOUNDS]
         if bad:
-            raise ConfigError(f"bounds: expected None, 'std', 'range' or a list of them, got {sorted(map(repr, bad))}")
+            raise ConfigError(f"bounds: expected None, 'std', 'range', 'quantile' or a list of them, got {sorted(map(repr, bad))}")
         self.bounds = bounds
+        if "quantile" in bounds and quantiles is None:
+            quantiles = DEFAULT_QUANTILES
         # Same attribute as FE's trace: {LabelValue: DisplayName}, or None.
         self.label_mapping = {val: key for key, val in label_mapping.items()} if label_mapping else None
         self.label_summaries: Dict[Any, Summary] = {}  # FE's output, in FE's order
         self._first_seen = _FirstSeen()
         mapping = self.label_mapping
         self._tracker = Tracker(self.outputs[0], sinks=sinks, figures=figures, max_steps=max_steps,
+                                quantiles=None if quantiles is None else tuple(quantiles),
                                 bounds=[b for b in _BOUNDS if b in bounds and b is not None],
                                 label_names={val: str(key) for val, key in mapping.items()} if mapping else None,
                                 labels=mapping,  # FE reports only the mapped labels
@@ -305,6 +315,11 @@ class LabelTracker(Trace):
                 history[f"{metric} ($\\mu \\pm \\sigma$)"][step] = ValWithError(row.mean - row.std, row.mean, row.mean + row.std)
             if "range" in self.bounds:
                 history[f"{metric} ($min, \\mu, max$)"][step] = ValWithError(row.min, row.mean, row.max)
+            if "quantile" in self.bounds and row.quantiles:
+                levels = sorted(row.quantiles)
+                lo, hi = levels[0], levels[-1]
+                history[f"{metric} ({quantile_stat(lo)}, median, {quantile_stat(hi)})"][step] = ValWithError(
+                    row.quantiles[lo], row.quantiles.get(0.5, float("nan")), row.quantiles[hi])
             if None in self.bounds:
                 history[metric][step] = row.mean
 

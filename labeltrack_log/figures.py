@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["BandFigure", "band_figure", "render_files", "figure_to_png", "figure_to_rgb", "BOUNDS", "SORTS"]
 
 #: Band kinds: mean ± std, or the min..max range around the mean.
-BOUNDS = {"std": "mean ± std", "range": "min–max range"}
+BOUNDS = {"std": "mean ± std", "range": "min–max range", "quantile": "median with quantile bands", "ci": "95% CI of the mean"}
 #: Panel/row orders: labels in natural order, or the worst latest mean first.
 SORTS = ("natural", "worst")
 
@@ -78,7 +78,30 @@ def figure_to_rgb(figure: "Figure") -> np.ndarray:
 
 
 # ------------------------------------------------------------------- data prep
+def _quantile_levels(dense: "DenseHistory") -> tuple[float, float, float, float | None, float | None]:
+    """(median, outer low, outer high, inner low, inner high) levels for the "quantile" bound."""
+    levels = sorted(dense.quantiles)
+    median = next((q for q in levels if abs(q - 0.5) < 1e-12), None)
+    if median is None or len(levels) < 3:
+        raise ValueError(
+            f"bound 'quantile': expected a history with the median and levels around it, got levels {levels}; "
+            "track them with GroupedStats/Tracker(quantiles=(0.1, 0.25, 0.5, 0.75, 0.9))"
+        )
+    inner = (levels[1], levels[-2]) if len(levels) >= 5 else (None, None)
+    return median, levels[0], levels[-1], inner[0], inner[1]
+
+
+def _center(dense: "DenseHistory", bound: str) -> np.ndarray:
+    """The line drawn per label: the median for the "quantile" bound, else the mean."""
+    return dense.quantiles[_quantile_levels(dense)[0]] if bound == "quantile" else dense.mean
+
+
 def _bounds(dense: "DenseHistory", bound: str) -> tuple[np.ndarray, np.ndarray]:
+    if bound == "quantile":
+        _, lo, hi, _, _ = _quantile_levels(dense)
+        return dense.quantiles[lo], dense.quantiles[hi]
+    if bound == "ci":
+        return dense.ci_low, dense.ci_high
     if bound == "std":
         return dense.mean - dense.std, dense.mean + dense.std
     return dense.min, dense.max
@@ -170,6 +193,9 @@ class _Panel:
         (self.ref,) = ax.plot([], [], color=_GREY, lw=1.0, ls=(0, (3, 2)), zorder=1, gid="reference")
         self.band = PolyCollection([], facecolors=_SKY, edgecolors="none", alpha=0.45, zorder=2, gid="band")
         ax.add_collection(self.band, autolim=False)
+        # the inner band of the "quantile" bound (p25-p75), darker, over the outer one
+        self.inner = PolyCollection([], facecolors=_BLUE, edgecolors="none", alpha=0.35, zorder=2.5, gid="inner-band")
+        ax.add_collection(self.inner, autolim=False)
         self.bars = LineCollection([], colors=_BLUE, linewidths=1.4, zorder=3, gid="errorbars")
         ax.add_collection(self.bars, autolim=False)
         (self.line,) = ax.plot([], [], color=_BLUE, lw=1.6, zorder=4, gid="mean")
@@ -179,7 +205,7 @@ class _Panel:
         self.count = ax.set_title("", fontsize=7.5, loc="right", pad=3.5, color=_GREY, y=1.0)
 
     def update(self, x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, ref: np.ndarray,
-               title: str, count: str) -> None:
+               title: str, count: str, inner: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         finite = np.isfinite(y)
         has_band = finite & np.isfinite(lo) & np.isfinite(hi)
         prev = np.concatenate(([False], finite[:-1]))
@@ -194,6 +220,14 @@ class _Panel:
                 xs = x[a:b]
                 polys.append(np.column_stack((np.concatenate((xs, xs[::-1])), np.concatenate((hi[a:b], lo[a:b][::-1])))))
         self.band.set_verts(polys)
+        inner_polys = []
+        if inner is not None:
+            ilo, ihi = inner
+            for a, b in _runs(finite & np.isfinite(ilo) & np.isfinite(ihi)):
+                if b - a >= 2:
+                    xs = x[a:b]
+                    inner_polys.append(np.column_stack((np.concatenate((xs, xs[::-1])), np.concatenate((ihi[a:b], ilo[a:b][::-1])))))
+        self.inner.set_verts(inner_polys)
         single = iso & has_band
         self.bars.set_segments([((xi, l), (xi, h)) for xi, l, h in zip(x[single], lo[single], hi[single])])
         self.title.set_text(title)
@@ -221,9 +255,11 @@ class _Heatmap:
         self.log = False
 
     def update(self, dense: "DenseHistory", order: np.ndarray, worst: np.ndarray, texts: list[str], *,
-               rows_px: float, higher_is_worse: bool, sort: str) -> None:
-        n, m = dense.mean.shape
-        data = dense.mean[order]
+               rows_px: float, higher_is_worse: bool, sort: str, center: np.ndarray | None = None,
+               what_stat: str = "mean") -> None:
+        center = dense.mean if center is None else center
+        n, m = center.shape
+        data = center[order]
         # More labels than pixel rows: pool blocks of k rows (keeping the worst value) so that no
         # label silently disappears between pixels; the extent still spans every label row.
         k = max(1, math.ceil(n / rows_px))
@@ -245,11 +281,11 @@ class _Heatmap:
         position = np.empty(n, dtype=np.int64)
         position[order] = np.arange(n)
         self.marks.set_data(np.full(len(worst), 1.012), position[worst])
-        what = "worst latest mean first" if sort == "worst" else "natural label order"
+        what = f"worst latest {what_stat} first" if sort == "worst" else "natural label order"
         pooled = f"; each row shows the {'max' if higher_is_worse else 'min'} of {k} labels" if k > 1 else ""
-        self.title.set_text(f"Mean per label ({what}{pooled}); grey = no data; \u25c0 = the {len(worst)} panels below")
-        self.cbar.set_label(f"mean {dense.name}{self._scale_note}", fontsize=8, color=_TEXT)
-        self.below.set_text(f"The {len(worst)} labels with the {'highest' if higher_is_worse else 'lowest'} latest mean")
+        self.title.set_text(f"{what_stat.capitalize()} per label ({what}{pooled}); grey = no data; \u25c0 = the {len(worst)} panels below")
+        self.cbar.set_label(f"{what_stat} {dense.name}{self._scale_note}", fontsize=8, color=_TEXT)
+        self.below.set_text(f"The {len(worst)} labels with the {'highest' if higher_is_worse else 'lowest'} latest {what_stat}")
 
     def _color_scale(self, data: np.ndarray) -> None:
         vmin, vmax, log, clipped = _color_scale(data)
@@ -365,17 +401,23 @@ class BandFigure:
         n = len(dense.labels)
         heatmap = n > self.max_panels
         shown = min(n, self.worst_k) if heatmap else max(n, 1)
-        signature = ("heatmap" if heatmap else "panels", shown)
+        self._key_levels = _quantile_levels(dense) if self.bound == "quantile" else None
+        signature = ("heatmap" if heatmap else "panels", shown, self._key_levels)
         if self._fig is None or signature != self._signature:
             self._build(heatmap, shown)
             self._signature = signature
         lo, hi = _bounds(dense, self.bound)
-        latest = _last_finite(dense.mean)
+        center = _center(dense, self.bound)
+        inner = None
+        if self.bound == "quantile":
+            _, _, _, ilo, ihi = _quantile_levels(dense)
+            inner = (dense.quantiles[ilo], dense.quantiles[ihi]) if ilo is not None else None
+        latest = _last_finite(center)
         worst = _worst_order(latest, self.higher_is_worse)
         order = worst if self.sort == "worst" else np.arange(n)
         texts = [label_text(lab, label_names) for lab in dense.labels.tolist()]
         x = dense.steps.astype(np.float64)
-        ref = _column_mean(dense.mean)
+        ref = _column_mean(center)
         rows = worst[:shown] if heatmap else order[:shown]
         for slot, panel in enumerate(self._panels):
             if slot >= len(rows):
@@ -385,19 +427,21 @@ class BandFigure:
             title = _short(texts[r])
             if heatmap:
                 title = f"{slot + 1}. {title}"
-            panel.update(x, dense.mean[r], lo[r], hi[r], ref, title, self._count_text(dense, r))
+            panel.update(x, center[r], lo[r], hi[r], ref, title, self._count_text(dense, r, center),
+                         None if inner is None else (inner[0][r], inner[1][r]))
         self._set_limits(x, lo[rows], hi[rows], ref)
         if self._heat is not None:
             self._heat.update(dense, order, worst[:shown], texts, rows_px=_HEAT_H * self.dpi,
-                              higher_is_worse=self.higher_is_worse, sort=self.sort)
+                              higher_is_worse=self.higher_is_worse, sort=self.sort, center=center,
+                              what_stat="median" if self.bound == "quantile" else "mean")
         self._update_header(dense, n)
         return self._fig
 
     @staticmethod
-    def _count_text(dense: "DenseHistory", r: int) -> str:
+    def _count_text(dense: "DenseHistory", r: int, center: np.ndarray | None = None) -> str:
         if not len(dense.steps):
             return ""
-        count, bad, mean = dense.count[r, -1], dense.nonfinite[r, -1], dense.mean[r, -1]
+        count, bad, mean = dense.count[r, -1], dense.nonfinite[r, -1], (dense.mean if center is None else center)[r, -1]
         if not np.isfinite(count):
             return "absent at last step"
         text = f"last {mean:.3g} · n={int(count):,}" if np.isfinite(mean) else f"n={int(count):,}"
@@ -485,7 +529,19 @@ class BandFigure:
             Patch(facecolor=_SKY, alpha=0.45, label=BOUNDS[self.bound]),
             Line2D([], [], color=_GREY, lw=1.0, ls=(0, (3, 2)), label="mean over labels"),
         ]
-        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1 - _RIGHT / W, 1 - 0.12 / H), ncol=3,
+        levels = getattr(self, "_key_levels", None)
+        if self.bound == "quantile" and levels is not None:
+            from .naming import quantile_stat
+
+            _, lo, hi, ilo, ihi = levels
+            handles = [
+                Line2D([], [], color=_BLUE, lw=1.6, marker="o", ms=3, label="label median"),
+                *([Patch(facecolor=_BLUE, alpha=0.35, label=f"{quantile_stat(ilo)}–{quantile_stat(ihi)}")] if ilo is not None else []),
+                Patch(facecolor=_SKY, alpha=0.45, label=f"{quantile_stat(lo)}–{quantile_stat(hi)}"),
+                Line2D([], [], color=_GREY, lw=1.0, ls=(0, (3, 2)), label="mean of medians"),
+            ]
+        key_y = 0.38 if len(handles) > 3 else 0.12  # a four-entry key goes on the summary line, clear of the title
+        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1 - _RIGHT / W, 1 - key_y / H), ncol=len(handles),
                    frameon=False, fontsize=8, handlelength=1.8, columnspacing=1.2)
         fig.text((_LEFT + (W - _LEFT - _RIGHT) / 2) / W, 0.06 / H, "step", ha="center", va="bottom", fontsize=8, color=_TEXT)
         self._ylabel = fig.text(0.08 / W, (_BOTTOM + grid_h / 2) / H, "", rotation=90, ha="left", va="center",

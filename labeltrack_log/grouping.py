@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterator, NamedTuple, Sequence
+import types
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from .errors import InputShapeError, InputTypeError
+from .sketch import DEFAULT_MAX_BUCKETS, DEFAULT_SCALE, ExpHistograms, check_levels
 
 __all__ = ["GroupedStats", "LabelStats", "StatsTable", "to_numpy", "natural_key"]
 
@@ -77,6 +79,7 @@ class LabelStats(NamedTuple):
     min: float
     max: float
     nonfinite: int
+    quantiles: Mapping[float, float] = types.MappingProxyType({})  # level -> estimate; empty when off
 
 
 def to_numpy(x: Any, what: str = "input") -> np.ndarray:
@@ -193,7 +196,8 @@ class StatsTable:
 
     Columns: ``labels``, ``count`` (finite values), ``mean``, ``std`` (sample std, ddof=1; 0.0 for
     a single value; NaN for none), ``min``, ``max`` and ``nonfinite`` (NaN/inf values, excluded
-    from the other statistics).
+    from the other statistics). With quantiles tracked, ``quantile_levels`` holds the levels and
+    ``quantile(q)`` one estimate per label (``quantile_levels`` is ``()`` otherwise).
 
     Example:
         >>> t = StatsTable(labels=[0, 1], count=[2, 1], mean=[0.5, 2.0], std=[0.7, 0.0],
@@ -203,9 +207,14 @@ class StatsTable:
     """
 
     COLUMNS = ("labels", "count", "mean", "std", "min", "max", "nonfinite")
-    __slots__ = ("labels", "count", "mean", "std", "min", "max", "nonfinite", "_index")
+    __slots__ = ("labels", "count", "mean", "std", "min", "max", "nonfinite", "_index", "quantile_levels", "_quantiles", "binary",
+                 "histograms")
 
-    def __init__(self, labels: Any, count: Any, mean: Any, std: Any, min: Any, max: Any, nonfinite: Any) -> None:  # noqa: A002
+    def __init__(
+        self, labels: Any, count: Any, mean: Any, std: Any, min: Any, max: Any, nonfinite: Any,  # noqa: A002
+        *, quantile_levels: Sequence[float] = (), quantiles: Any = None, binary: Any = None,
+        histograms: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.labels = np.asarray(labels)
         self.count = np.asarray(count, dtype=np.int64)
         self.mean = np.asarray(mean, dtype=np.float64)
@@ -218,14 +227,82 @@ class StatsTable:
             arr = getattr(self, col)
             if arr.shape != (n,):
                 raise InputShapeError(f"StatsTable column '{col}': expected shape ({n},), got {arr.shape}")
-        for arr in (self.labels, self.count, self.mean, self.std, self.min, self.max, self.nonfinite):
+        self.quantile_levels: tuple[float, ...] = tuple(float(q) for q in quantile_levels)
+        qs = np.zeros((n, 0)) if quantiles is None and not self.quantile_levels else np.asarray(quantiles, dtype=np.float64)
+        if qs.shape != (n, len(self.quantile_levels)):
+            raise InputShapeError(f"StatsTable quantiles: expected shape ({n}, {len(self.quantile_levels)}) for levels {self.quantile_levels}, got {qs.shape}")
+        self._quantiles = qs
+        self.binary = np.zeros(n, dtype=bool) if binary is None else np.asarray(binary, dtype=bool)
+        if self.binary.shape != (n,):
+            raise InputShapeError(f"StatsTable column 'binary': expected shape ({n},), got {self.binary.shape}")
+        for arr in (self.labels, self.count, self.mean, self.std, self.min, self.max, self.nonfinite, self._quantiles, self.binary):
             arr.flags.writeable = False
         self._index: dict[Any, int] | None = None
+        #: None, or every row's sketch buckets as (row pointer, lower edges, upper edges, counts)
+        self.histograms = histograms
+        if histograms is not None and len(histograms[0]) != n + 1:
+            raise InputShapeError(f"StatsTable histograms: expected a row pointer of length {n + 1}, got {len(histograms[0])}")
+
+    def histogram(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(lower edges, upper edges, counts) of row ``i``'s non-empty sketch buckets, in value
+        order, or None when the table has no histograms (``GroupedStats.compute(histograms=True)``)."""
+        if self.histograms is None:
+            return None
+        ptr, lower, upper, counts = self.histograms
+        a, b = ptr[i], ptr[i + 1]
+        return lower[a:b], upper[a:b], counts[a:b]
+
+    def without_histograms(self) -> "StatsTable":
+        """This table without its histograms (what a history keeps: they are large)."""
+        if self.histograms is None:
+            return self
+        return StatsTable(*(getattr(self, c) for c in self.COLUMNS), quantile_levels=self.quantile_levels,
+                          quantiles=self._quantiles, binary=self.binary)
+
+    def confidence_interval(self, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of each label's mean at ``z`` (1.96: 95%): the Wilson score interval for a
+        label whose finite values are all 0 or 1 (:attr:`binary`), else mean ± z·std/√n.
+        NaN for a label without finite values.
+
+        Example:
+            >>> t = StatsTable([0], [10], [0.9], [0.316], [0.0], [1.0], [0], binary=[True])
+            >>> [round(float(x[0]), 3) for x in t.confidence_interval()]
+            [0.596, 0.982]
+        """
+        n = self.count.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            half = z * self.std / np.sqrt(n)
+            lo, hi = self.mean - half, self.mean + half
+            p = np.clip(self.mean, 0.0, 1.0)
+            z2n = z * z / n
+            centre = (p + z2n / 2) / (1 + z2n)
+            spread = z * np.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
+        wilson = self.binary & (self.count > 0)
+        lo = np.where(wilson, centre - spread, lo)
+        hi = np.where(wilson, centre + spread, hi)
+        none = self.count == 0
+        return np.where(none, np.nan, lo), np.where(none, np.nan, hi)
+
+    def quantile(self, q: float) -> np.ndarray:
+        """The estimates of quantile level ``q`` (one of :attr:`quantile_levels`), one per label.
+
+        NaN for a label with no finite value.
+
+        Raises:
+            KeyError: ``q`` is not a tracked level.
+        """
+        for j, level in enumerate(self.quantile_levels):
+            if abs(level - q) < 1e-12:
+                return self._quantiles[:, j]
+        raise KeyError(
+            f"quantile {q!r} is not tracked: expected one of {self.quantile_levels}"
+            + ("" if self.quantile_levels else " (none: create the GroupedStats with quantiles=(0.1, 0.5, 0.9) or similar)")
+        )
 
     @classmethod
-    def empty(cls) -> "StatsTable":
-        """A table with no labels."""
-        return cls([], [], [], [], [], [], [])
+    def empty(cls, quantile_levels: Sequence[float] = ()) -> "StatsTable":
+        """A table with no labels (with the given quantile levels)."""
+        return cls([], [], [], [], [], [], [], quantile_levels=quantile_levels, quantiles=np.zeros((0, len(quantile_levels))))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -240,6 +317,7 @@ class StatsTable:
         return LabelStats(
             self.labels[i : i + 1].tolist()[0], int(self.count[i]), float(self.mean[i]), float(self.std[i]),
             float(self.min[i]), float(self.max[i]), int(self.nonfinite[i]),
+            types.MappingProxyType(dict(zip(self.quantile_levels, self._quantiles[i].tolist()))),
         )
 
     def __getitem__(self, label: Any) -> LabelStats:
@@ -263,7 +341,15 @@ class StatsTable:
     def take(self, rows: Sequence[int] | np.ndarray) -> "StatsTable":
         """A new table with the given row positions, in the given order."""
         idx = np.asarray(rows, dtype=np.int64)
-        return StatsTable(*(getattr(self, c)[idx] for c in self.COLUMNS))
+        hist = None
+        if self.histograms is not None:
+            ptr, lower, upper, counts = self.histograms
+            parts = [np.arange(ptr[i], ptr[i + 1]) for i in idx.tolist()]
+            sel = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            sizes = np.array([len(p) for p in parts], dtype=np.int64)
+            hist = (np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), lower[sel], upper[sel], counts[sel])
+        return StatsTable(*(getattr(self, c)[idx] for c in self.COLUMNS), quantile_levels=self.quantile_levels,
+                          quantiles=self._quantiles[idx], binary=self.binary[idx], histograms=hist)
 
     def select(self, labels: Sequence[Any]) -> "StatsTable":
         """A new table restricted to ``labels`` (in that order); labels not present are skipped."""
@@ -272,12 +358,19 @@ class StatsTable:
 
     def to_dict(self) -> dict[str, list]:
         """The columns as plain Python lists (JSON-serialisable apart from NaN/inf)."""
-        return {c: getattr(self, c).tolist() for c in self.COLUMNS}
+        out = {c: getattr(self, c).tolist() for c in self.COLUMNS}
+        if self.quantile_levels:
+            out["quantiles"] = {q: self._quantiles[:, j].tolist() for j, q in enumerate(self.quantile_levels)}
+        return out
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, StatsTable):
             return NotImplemented
-        return all(np.array_equal(getattr(self, c), getattr(other, c), equal_nan=c != "labels") for c in self.COLUMNS)
+        return (
+            all(np.array_equal(getattr(self, c), getattr(other, c), equal_nan=c != "labels") for c in self.COLUMNS)
+            and self.quantile_levels == other.quantile_levels
+            and np.array_equal(self._quantiles, other._quantiles, equal_nan=True)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -295,15 +388,38 @@ class GroupedStats:
     ``nonfinite`` and excluded from the other statistics. Not thread-safe: use one accumulator
     per thread or process and ``merge`` them.
 
+    Args:
+        quantiles: None (the default: no quantiles, no extra cost) or levels in (0, 1) such as
+            ``(0.1, 0.25, 0.5, 0.75, 0.9)``: each label then also keeps a base-2 exponential
+            histogram (:mod:`labeltrack_log.sketch`), and every estimate is within 0.54% relative
+            error of a sample quantile of its label (the order statistic at floor or ceil of
+            ``q * (n - 1)``) and inside the label's exact [min, max]. Memory: 16 bytes per bucket
+            in use, at most 64 buckets per power of two a label's values span (a loss from 1e-4 to
+            10 uses at most ~1,100 buckets, 17 KB), independent of the number of samples.
+        quantile_scale: the sketch's resolution (6: 0.54%; each step down doubles the error).
+        quantile_max_buckets: the most buckets held over all labels (16 bytes each; default 4M,
+            64 MB); beyond it the scale is lowered and a warning logged.
+
     Example:
         >>> g = GroupedStats()
         >>> g.update([0, 1, 1], [0.5, 1.0, 3.0])
         >>> t = g.compute()
         >>> t.labels.tolist(), t.mean.tolist(), t[1].std
         ([0, 1], [0.5, 2.0], 1.4142135623730951)
+        >>> q = GroupedStats(quantiles=(0.5,))
+        >>> q.update([0, 0, 0], [1.0, 2.0, 30.0])
+        >>> round(float(q.compute().quantile(0.5)[0]), 1)
+        2.0
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, quantiles: Sequence[float] | None = None, *,
+        quantile_scale: int = DEFAULT_SCALE, quantile_max_buckets: int = DEFAULT_MAX_BUCKETS,
+    ) -> None:
+        self.quantile_levels: tuple[float, ...] = check_levels(quantiles)
+        self._sketch_config = (quantile_scale, quantile_max_buckets)
+        if self.quantile_levels:
+            ExpHistograms(quantile_scale, quantile_max_buckets)  # validate now, not at the first flush
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -321,6 +437,7 @@ class GroupedStats:
         self._min = np.full(cap, np.inf)
         self._max = np.full(cap, -np.inf)
         self._nonfinite = np.zeros(cap, dtype=np.int64)
+        self._inner = np.zeros(cap, dtype=bool)  # a finite value strictly between 0 and 1 was seen
         self._lbuf = np.empty(_CHUNK, dtype=np.int64)
         self._vbuf = np.empty(_CHUNK, dtype=np.float64)
         self._sbuf = np.empty(_CHUNK, dtype=np.int64)
@@ -328,6 +445,7 @@ class GroupedStats:
         self._fill = 0
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # string labels are staged as copies
         self._pending_n = 0
+        self._sketch = ExpHistograms(*self._sketch_config) if self.quantile_levels else None
 
     @property
     def num_labels(self) -> int:
@@ -335,11 +453,28 @@ class GroupedStats:
         self._flush()
         return len(self._labels)
 
+    @property
+    def quantile_sketch(self) -> ExpHistograms | None:
+        """The per-label quantile sketch (None without quantiles), with staged samples reduced.
+
+        Its slot ``k`` is the label ``self.labels_in_slot_order[k]``; a cross-process reducer
+        (``synced()``) carries it with :meth:`ExpHistograms.state` / :meth:`ExpHistograms.merge`
+        or the dense form :meth:`ExpHistograms.to_dense` (see the README).
+        """
+        self._flush()
+        return self._sketch
+
+    @property
+    def labels_in_slot_order(self) -> list[Any]:
+        """The labels in accumulator-slot order (the order of the sketch's slots)."""
+        self._flush()
+        return list(self._labels)
+
     def __getstate__(self) -> dict[str, Any]:
         self._flush()
         state = self.__dict__.copy()
         n = len(self._labels)
-        for key in ("_count", "_mean", "_m2", "_scale", "_min", "_max", "_nonfinite"):
+        for key in ("_count", "_mean", "_m2", "_scale", "_min", "_max", "_nonfinite", "_inner"):
             state[key] = state[key][:n].copy()
         for key in ("_lbuf", "_vbuf", "_sbuf", "_work"):
             del state[key]
@@ -349,6 +484,10 @@ class GroupedStats:
         self.__dict__.update(state)
         if "_scale" not in state:  # pickled before the scale existed
             self._scale = np.ones(len(self._m2))
+        if "_inner" not in state:  # pickled before 0/1 tracking existed: unknown, so not 0/1
+            self._inner = np.ones(len(state["_count"]), dtype=bool)
+        if "quantile_levels" not in state:  # pickled before quantiles existed
+            self.quantile_levels, self._sketch_config, self._sketch = (), (DEFAULT_SCALE, DEFAULT_MAX_BUCKETS), None
         self._lbuf = np.empty(_CHUNK, dtype=np.int64)
         self._vbuf = np.empty(_CHUNK, dtype=np.float64)
         self._sbuf = np.empty(_CHUNK, dtype=np.int64)
@@ -449,7 +588,7 @@ class GroupedStats:
             return
         new = max(n, 2 * cap)
         for name, fill in (("_count", 0), ("_mean", 0.0), ("_m2", 0.0), ("_scale", 1.0), ("_min", np.inf), ("_max", -np.inf),
-                           ("_nonfinite", 0)):
+                           ("_nonfinite", 0), ("_inner", False)):
             old = getattr(self, name)
             arr = np.full(new, fill, dtype=old.dtype)
             arr[:cap] = old
@@ -486,6 +625,8 @@ class GroupedStats:
             slots, val = slots[finite], val[finite]
             if not len(slots):
                 return
+        if self._sketch is not None:
+            self._sketch.add(slots, val)
         cnt = np.bincount(slots, minlength=k)
         # Shifted sums: subtract a per-slot reference close to the mean (the running mean, or
         # any sample of the chunk for a new label) so large offsets (1e8 +- 1) cancel exactly.
@@ -501,6 +642,15 @@ class GroupedStats:
             np.subtract(val, dev, out=dev)
         np.minimum.at(self._min, slots, val)
         np.maximum.at(self._max, slots, val)
+        # 0/1 metrics (for the Wilson interval): only labels still within [0, 1] without an inner
+        # value are checked, so a loss costs this once and then only O(labels) per chunk.
+        maybe = ~self._inner[:k] & (self._min[:k] >= 0.0) & (self._max[:k] <= 1.0)
+        if maybe.any():
+            m = maybe[slots]
+            v = val[m]
+            inner = (v > 0.0) & (v < 1.0)
+            if inner.any():
+                self._inner[slots[m][inner]] = True
         if not np.abs(dev).max() < _BIG:  # extreme values (or an overflow to inf): scale first
             self._absorb_scaled(slots, val, ref, cnt, k)
             return
@@ -574,28 +724,45 @@ class GroupedStats:
         self._flush()
         k = len(other._labels)
         if k == 0:
+            self._check_sketch_compatible(other)
             return self
         if self._kind is None:
             self._kind = other._kind
         elif other._kind != self._kind:
             raise InputTypeError(f"merge: expected {self._kind} labels, got an accumulator of {other._kind} labels")
+        self._check_sketch_compatible(other)
         slots = self._slots_for(np.array(other._labels, dtype=object if other._kind == "str" else np.int64))
+        if self._sketch is not None:
+            self._sketch.merge(other._sketch, slots)
         self._nonfinite[slots] += other._nonfinite[:k]
+        self._inner[slots] |= other._inner[:k]
         np.minimum.at(self._min, slots, other._min[:k])
         np.maximum.at(self._max, slots, other._max[:k])
         has = other._count[:k] > 0
         self._combine(slots[has], other._count[:k][has], other._mean[:k][has], other._m2[:k][has], other._scale[:k][has])
         return self
 
-    def compute(self) -> StatsTable:
+    def _check_sketch_compatible(self, other: "GroupedStats") -> None:
+        mine = (self.quantile_levels, self._sketch_config if self.quantile_levels else None)
+        theirs = (other.quantile_levels, other._sketch_config if other.quantile_levels else None)
+        if mine != theirs:
+            raise InputTypeError(
+                f"merge: expected an accumulator with quantiles={self.quantile_levels or None} "
+                f"(scale, max_buckets = {mine[1]}), got quantiles={other.quantile_levels or None} "
+                f"(scale, max_buckets = {theirs[1]}); create both with the same quantile settings"
+            )
+
+    def compute(self, histograms: bool = False) -> StatsTable:
         """The per-label statistics of everything seen since the last ``reset``.
 
-        The accumulator keeps its state: call ``reset()`` to start a new epoch.
+        The accumulator keeps its state: call ``reset()`` to start a new epoch. With
+        ``histograms=True`` (and quantiles tracked) the table also carries every label's sketch
+        buckets (:meth:`StatsTable.histogram`), e.g. for ``TensorBoardSink(histograms=True)``.
         """
         self._flush()
         k = len(self._labels)
         if k == 0:
-            return StatsTable.empty()
+            return StatsTable.empty(self.quantile_levels)
         if self._kind == "str":
             labels = np.array(self._labels, dtype=str)
             if any(lab.endswith("\x00") for lab in self._labels):  # "U" would drop trailing NULs
@@ -613,6 +780,17 @@ class GroupedStats:
             logger.warning("GroupedStats: the std of %d label(s) (e.g. %r) is beyond float range (> %.3g); reported as inf",
                            int(huge.sum()), labels[order][huge][:1].tolist()[0], np.finfo(float).max)
         seen = count > 0
+        quant = {}
+        if self._sketch is not None:
+            est = self._sketch.quantiles(self.quantile_levels, k)[order]
+            lo, hi = self._min[:k][order, None], self._max[:k][order, None]
+            with np.errstate(invalid="ignore"):
+                est = np.where(seen[:, None], np.clip(est, lo, hi), np.nan)
+            quant = {"quantile_levels": self.quantile_levels, "quantiles": est}
+            if histograms:
+                rows_of_slots = np.empty(k, dtype=np.int64)
+                rows_of_slots[order] = np.arange(k)
+                quant["histograms"] = self._sketch.histograms(rows_of_slots, k)
         return StatsTable(
             labels=labels[order].astype(bool) if self._kind == "bool" else labels[order],
             count=count,
@@ -621,4 +799,6 @@ class GroupedStats:
             min=np.where(seen, self._min[:k][order], np.nan),
             max=np.where(seen, self._max[:k][order], np.nan),
             nonfinite=self._nonfinite[:k][order],
+            binary=seen & ~self._inner[:k][order] & (self._min[:k][order] >= 0.0) & (self._max[:k][order] <= 1.0),
+            **quant,
         )

@@ -15,13 +15,14 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from .grouping import StatsTable, natural_key  # natural_key: defined once, in the core
+from .naming import stat_level
 
 __all__ = ["StatsHistory", "DenseHistory", "natural_key", "FILE_COLUMNS"]
 
@@ -48,6 +49,9 @@ class DenseHistory:
         labels: label values in natural order (ints numerically, strings digit-aware).
         steps: int64 array of the kept steps, increasing.
         count, mean, std, min, max, nonfinite: the matrices.
+        quantiles: quantile level -> matrix, for the levels the tables carry (empty without).
+        ci_low, ci_high: the 95% confidence interval of each mean
+            (:meth:`~labeltrack_log.StatsTable.confidence_interval`).
     """
 
     name: str
@@ -60,6 +64,9 @@ class DenseHistory:
     min: np.ndarray
     max: np.ndarray
     nonfinite: np.ndarray
+    quantiles: Mapping[float, np.ndarray] = field(default_factory=dict)
+    ci_low: np.ndarray | None = None
+    ci_high: np.ndarray | None = None
 
 
 class _Series:
@@ -152,6 +159,7 @@ class StatsHistory:
         """
         if not isinstance(table, StatsTable):
             raise TypeError(f"append: expected a StatsTable, got {type(table).__name__}")
+        table = table.without_histograms()  # sketch buckets are for the sinks, too large to keep per step
         if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"append: expected an int step, got {step!r}")
         for what, value in (("name", name), ("mode", mode)):
@@ -366,6 +374,12 @@ class StatsHistory:
                 _to_float(row["max"], "max", where),
                 _to_int(row.get("nonfinite"), "nonfinite", where, default=0),
             )
+            quantiles = {}
+            for column, value in row.items():  # p10, p50, ... written by sinks for tracked quantiles
+                level = stat_level(column) if isinstance(column, str) else None
+                if level is not None:
+                    quantiles[level] = _to_float(value, column, where)
+            record = (*record, quantiles)
             key = (str(row["name"]), str(row["mode"]))
             groups.setdefault(key, {}).setdefault(step, {})[str(row["label"])] = record  # later rows win
             if typed and isinstance(row["label"], str):
@@ -462,8 +476,10 @@ def _table(rows: Mapping[str, tuple], as_int: bool) -> tuple[StatsTable, dict[An
     items.sort(key=lambda item: natural_key(item[0]))
     names = {lab: rec[0] for lab, rec in items if rec[0] not in (None, "") and str(rec[0]) != str(lab)}
     labels = np.array([lab for lab, _ in items], dtype=np.int64 if as_int else str)
-    cols = list(zip(*(rec[1:] for _, rec in items))) if items else [()] * 6
-    return StatsTable(labels, *cols), names
+    cols = list(zip(*(rec[1:7] for _, rec in items))) if items else [()] * 6
+    levels = sorted({q for _, rec in items for q in rec[7]})
+    quantiles = np.array([[rec[7].get(q, math.nan) for q in levels] for _, rec in items]).reshape(len(items), len(levels))
+    return StatsTable(labels, *cols, quantile_levels=levels, quantiles=quantiles), names
 
 
 def _densify(name: str, mode: str, steps: list[int], tables: list[StatsTable]) -> DenseHistory:
@@ -480,6 +496,8 @@ def _densify(name: str, mode: str, steps: list[int], tables: list[StatsTable]) -
     n, m = len(labels_list), len(tables)
     stats = ("count", "mean", "std", "min", "max", "nonfinite")
     out = {s: np.full((n, m), np.nan) for s in stats}
+    quantiles: dict[float, np.ndarray] = {}
+    ci = {s: np.full((n, m), np.nan) for s in ("ci_low", "ci_high")}
     union_arr = np.array(labels_list) if labels_list else np.array([], dtype=np.int64)
     for j, table in enumerate(tables):
         if not len(table):
@@ -490,6 +508,12 @@ def _densify(name: str, mode: str, steps: list[int], tables: list[StatsTable]) -
             rows = np.fromiter((index[lab] for lab in table.labels.tolist()), dtype=np.int64, count=len(table))
         for s in stats:
             out[s][rows, j] = getattr(table, s)
-    for arr in out.values():
+        ci["ci_low"][rows, j], ci["ci_high"][rows, j] = table.confidence_interval()
+        for q in table.quantile_levels:
+            if q not in quantiles:
+                quantiles[q] = np.full((n, m), np.nan)
+            quantiles[q][rows, j] = table.quantile(q)
+    for arr in (*out.values(), *quantiles.values(), *ci.values()):
         arr.flags.writeable = False
-    return DenseHistory(name, mode, union_arr, np.asarray(steps, dtype=np.int64), **out)
+    return DenseHistory(name, mode, union_arr, np.asarray(steps, dtype=np.int64), **out,
+                        quantiles={q: quantiles[q] for q in sorted(quantiles)}, **ci)

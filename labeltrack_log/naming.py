@@ -51,6 +51,9 @@ __all__ = [
     "figure_file",
     "table_file",
     "figure_name",
+    "quantile_stat",
+    "quantile_stats",
+    "stat_level",
 ]
 
 class _Reserved(str):
@@ -192,6 +195,30 @@ def figure_file(name: str, mode: str, step: int) -> str:
 def table_file(name: str, mode: str, step: int) -> str:
     """File name of the full table of ``name`` in ``mode`` at ``step``: ``<name>_<mode>_step<step>.csv``."""
     return f"{component(name, 'file')}_{_mode_part(mode)}_step{int(step)}.csv"
+
+
+def quantile_stat(q: float) -> str:
+    """The stat name of quantile level ``q``: ``p`` and the percentage without trailing zeros
+    (0.1 -> ``p10``, 0.5 -> ``p50``, 0.05 -> ``p5``, 0.999 -> ``p99.9``, 0.0001 -> ``p0.01``)."""
+    pct = f"{float(q) * 100:.10f}".rstrip("0").rstrip(".")
+    return f"p{pct}"
+
+
+def quantile_stats(levels: Any) -> tuple[str, ...]:
+    """The stat names of ``levels`` (a StatsTable's ``quantile_levels``), in order."""
+    return tuple(quantile_stat(q) for q in levels)
+
+
+_QUANTILE_STAT = re.compile(r"p(\d+(?:\.\d+)?)")
+
+
+def stat_level(stat: str) -> float | None:
+    """The quantile level of a stat name made by :func:`quantile_stat` (``"p50"`` -> 0.5), else None."""
+    m = _QUANTILE_STAT.fullmatch(str(stat))
+    if not m:
+        return None
+    level = float(m.group(1)) / 100
+    return level if 0.0 < level < 1.0 and quantile_stat(level) == stat else None
 
 
 def figure_name(name: str, bound: str | None) -> str:

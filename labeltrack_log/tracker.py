@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from .history import DEFAULT_MAX_STEPS, StatsHistory
 from .naming import figure_name
 from .run import Run
 from .sinks import Sink, exit_status
+from .sketch import check_levels
 
 __all__ = ["Tracker"]
 
@@ -70,8 +71,11 @@ class Tracker:
         figures: When band figures are sent to the sinks: ``"end"`` (once, in :meth:`close`),
             ``"epoch"`` (every epoch), an int N (every N epochs, and at the end) or None (never).
         bounds: Band figures drawn each time: ``"std"`` (mean ± std), ``"range"`` (min..max),
-            or several; empty for none.
+            ``"quantile"`` (median, p25–p75 and p10–p90 bands; needs ``quantiles``), or several;
+            empty for none.
         max_steps: Steps kept per mode in :attr:`history` (older ones are thinned evenly).
+        quantiles: Per-label quantile levels for every mode, e.g. ``(0.1, 0.25, 0.5, 0.75, 0.9)``
+            (see :class:`~labeltrack_log.GroupedStats`); the sinks then write ``p10`` ... ``p90``.
         run: The :class:`~labeltrack_log.Run` to attach to; None: a run of its own.
 
     Attributes:
@@ -106,9 +110,20 @@ class Tracker:
                  figures: str | int | None = "end",
                  bounds: str | Iterable[str] = ("std",),
                  max_steps: int = DEFAULT_MAX_STEPS,
+                 quantiles: Sequence[float] | None = None,
                  run: Run | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name: expected a non-empty string, got {name!r}")
+        try:
+            self.quantiles: tuple[float, ...] = check_levels(quantiles)  # per-label quantiles for every mode
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        wanted = (bounds,) if isinstance(bounds, str) else tuple(bounds) if isinstance(bounds, Iterable) else ()
+        if "quantile" in wanted and (0.5 not in self.quantiles or len(self.quantiles) < 3):
+            raise ConfigError(
+                f"bounds: 'quantile' draws the median with bands of the levels around it; expected quantiles "
+                f"with 0.5 and at least 3 levels, e.g. quantiles=(0.1, 0.25, 0.5, 0.75, 0.9), got quantiles={quantiles!r}"
+            )
         if label_names is not None and not isinstance(label_names, Mapping):
             raise ConfigError(f"label_names: expected a mapping label -> display name or None, got {type(label_names).__name__}")
         if labels is not None and (isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable)):
@@ -184,7 +199,7 @@ class Tracker:
         if stats is None:
             if not isinstance(mode, str) or not mode:
                 raise InputTypeError(f"mode: expected a non-empty string, got {mode!r}")
-            stats = self._stats[mode] = GroupedStats()
+            stats = self._stats[mode] = GroupedStats(quantiles=self.quantiles or None)
         stats.update(labels, values)
 
     def end_epoch(self, step: int, modes: str | Iterable[str] | None = None, *,
@@ -228,7 +243,8 @@ class Tracker:
             stats = self._stats.pop(mode, None)
             if stats is None:
                 continue
-            table = tables[mode] = self._restrict(stats.compute())
+            wants_histograms = any(getattr(sink, "histograms", False) for sink in (self._sinks or []))
+            table = tables[mode] = self._restrict(stats.compute(histograms=wants_histograms))
             last = self._logged.get(mode, step - 1)
             replay = mode in self._replay
             self._replay.discard(mode)

@@ -317,7 +317,7 @@ def test_no_pyplot_and_matplotlib_only_when_drawing():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"bound": "foo"}, r"bound: expected one of \['std', 'range'\], got 'foo'"),
+        ({"bound": "foo"}, r"bound: expected one of \['std', 'range', 'quantile', 'ci'\], got 'foo'"),
         ({"sort": "random"}, r"sort: expected one of \['natural', 'worst'\], got 'random'"),
         ({"max_panels": 0}, r"max_panels: expected a positive int, got 0"),
         ({"worst_k": 2.5}, r"worst_k: expected a positive int, got 2.5"),

@@ -352,7 +352,7 @@ def test_context_manager_closes_on_error_too(tmp_path: Path):
     ({"figures": 0}, "figures: expected 'end', 'epoch', a positive int"),
     ({"figures": True}, "figures: expected 'end', 'epoch', a positive int"),
     ({"figures": "sometimes"}, "figures: expected 'end', 'epoch', a positive int"),
-    ({"bounds": ["std", "sigma"]}, r"bounds: expected some of \['std', 'range'\], got \['sigma'\]"),
+    ({"bounds": ["std", "sigma"]}, r"bounds: expected some of \['std', 'range', 'quantile', 'ci'\], got \['sigma'\]"),
     ({"bounds": None}, r"bounds: expected some of .*, got \[None\]"),
     ({"labels": "cat"}, "labels: expected an iterable of label values"),
     ({"labels": [[0]]}, "labels: expected hashable label values"),

@@ -374,6 +374,10 @@ def aggregates(table: StatsTable) -> tuple[dict[str, float], Any]:
     seen = (table.count > 0) & np.isfinite(table.mean)  # a mean overflows to inf only for values near 1e308
     means = table.mean[seen]
     agg = {"num_labels": float(len(table)), "nonfinite": float(table.nonfinite.sum())}
+    if 0.5 in table.quantile_levels:  # the median of the per-label medians, when medians are tracked
+        medians = table.quantile(0.5)
+        medians = medians[np.isfinite(medians)]
+        agg["median_of_medians"] = float(np.median(medians)) if len(medians) else float("nan")
     if len(means):
         worst = int(np.argmax(means))
         # scaled by a power of two first, so means near the float limits give a finite macro mean

@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Hashable, Mapping
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..grouping import StatsTable
 from ..history import FILE_COLUMNS
-from ..naming import figure_file, label_text, visible
+from ..naming import figure_file, label_text, quantile_stats, visible
 from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,11 +113,19 @@ class _RowSink(Sink):
         """Called once when the file is new."""
 
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
-        """Append one row per label and flush to disk."""
+        """Append one row per label and flush to disk (with quantile columns ``p10`` ... when the
+        table has quantiles)."""
         step = self._check_call(step, table)
         f = self._open()
-        f.write(self._format(tidy_rows(table, step=step, name=name, mode=mode, label_names=self.label_names)))
+        rows = tidy_rows(table, step=step, name=name, mode=mode, label_names=self.label_names)
+        qstats = quantile_stats(table.quantile_levels)
+        if qstats:
+            self._quantiles = (qstats, np.stack([table.quantile(q) for q in table.quantile_levels], axis=1).tolist())
+        f.write(self._format(rows))
+        self._quantiles = ((), [])
         self.flush()
+
+    _quantiles: tuple[tuple[str, ...], list[list[float]]] = ((), [])  # of the table being written
 
     def _format(self, rows: list[tuple]) -> str:
         raise NotImplementedError
@@ -154,13 +164,46 @@ class CSVSink(_RowSink):
     _what = "CSVSink"
     _default = "labeltrack.csv"
 
+    _columns: tuple[str, ...] = FIELDS  # the header of the file (quantile columns after FIELDS)
+    _header_only = False  # the file holds nothing but the header this sink wrote
+
     def _write_header(self, f: io.TextIOWrapper) -> None:
+        self._columns, self._header_only = FIELDS, True
         f.write(csv_text([], header=True))
+
+    def _open(self) -> io.TextIOWrapper:
+        new = self._file is None
+        f = super()._open()
+        if new and not self._header_only:  # appending to an existing file: keep its header
+            try:
+                with open(self.path, newline="", encoding="utf-8") as fh:
+                    first = next(csv.reader(fh), None)
+                self._columns = tuple(first) if first else FIELDS
+            except OSError:
+                self._columns = FIELDS
+        return f
 
     def _format(self, rows: list[tuple]) -> str:
         if rows and isinstance(rows[0][4], str):
             rows = self._distinct_labels(rows)
-        return csv_text(rows)
+        qstats, qvalues = self._quantiles
+        extra = tuple(c for c in self._columns if c not in FIELDS)
+        if qstats and tuple(qstats) != extra:
+            if self._header_only:  # nothing written yet: the header takes this table's quantile columns
+                self._file.seek(0)
+                self._file.truncate()
+                self._columns, extra = FIELDS + tuple(qstats), tuple(qstats)
+                self._file.write(",".join(self._columns) + "\r\n")
+            elif not getattr(self, "_warned_columns", False):
+                self._warned_columns = True
+                logger.warning("CSVSink %s: its header has quantile columns %s, the table has %s; "
+                               "only the header's columns are written (use a new file for other levels)",
+                               self.path, list(extra), list(qstats))
+        self._header_only = self._header_only and not rows
+        if not extra:
+            return csv_text(rows)
+        lookup = [dict(zip(qstats, vals)) for vals in qvalues] if qstats else [{} for _ in rows]
+        return csv_text([(*row, *(q.get(c, math.nan) for c in extra)) for row, q in zip(rows, lookup)])
 
     def _distinct_labels(self, rows: list[tuple]) -> list[tuple]:
         """CSV text cannot hold a lone surrogate (``"caf\\udce9"``): such a label is written
@@ -201,11 +244,14 @@ class JSONLSink(_RowSink):
 
     def _format(self, rows: list[tuple]) -> str:
         out = []
-        for row in rows:
+        qstats, qvalues = self._quantiles
+        for i, row in enumerate(rows):
             obj = dict(zip(FIELDS, row))
             for key in ("mean", "std", "min", "max"):
                 if not math.isfinite(obj[key]):
                     obj[key] = None
+            if qstats:
+                obj.update((s, v if math.isfinite(v) else None) for s, v in zip(qstats, qvalues[i]))
             out.append(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
         return "".join(out)  # nothing at all for a table without labels (not a blank line)
 

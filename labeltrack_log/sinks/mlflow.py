@@ -49,7 +49,7 @@ import numpy as np
 
 from ..errors import ConfigError, missing_extra
 from ..grouping import StatsTable
-from ..naming import STATS, SUMMARY, image_key, mlflow_key, mlflow_key_of_part, table_file
+from ..naming import STATS, SUMMARY, image_key, mlflow_key, mlflow_key_of_part, quantile_stats, table_file
 from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir, exit_status
 from ._delivery import SUPPORTED as PROCESS_SUPPORTED
 from ._delivery import DeliveryProcess
@@ -354,6 +354,18 @@ class MLflowSink(Sink):
             rows.append([keys[4], float(counts[i]), ts, step])
             if nonfinite[i]:
                 rows.append([keys[5], float(nonfinite[i]), ts, step])
+        qstats = quantile_stats(t.quantile_levels)
+        if qstats:  # <name>/<mode>/<label>/p50 and friends
+            qcols = [np.where(np.isinf(c), np.nan, c).tolist() for c in (t.quantile(q) for q in t.quantile_levels)]
+            for i, text in enumerate(self.label_texts(t.labels.tolist(), name)):
+                for stat, col in zip(qstats, qcols):
+                    rows.append([mlflow_key(name, mode, text, stat), col[i], ts, step])
+        if t.binary.any():  # 0/1 metrics: the 95% Wilson interval of the mean
+            lo, hi = t.confidence_interval()
+            for i, text in enumerate(self.label_texts(t.labels.tolist(), name)):
+                if t.binary[i]:
+                    rows.append([mlflow_key(name, mode, text, "ci_low"), float(lo[i]), ts, step])
+                    rows.append([mlflow_key(name, mode, text, "ci_high"), float(hi[i]), ts, step])
         for stat, value in view.aggregates.items():
             rows.append([mlflow_key(name, mode, SUMMARY, stat), value if math.isfinite(value) else math.nan, ts, step])
         ops = [self._op("metrics", step=step, metrics=rows[i:i + MAX_METRICS_PER_REQUEST])

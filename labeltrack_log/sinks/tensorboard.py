@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_STATS = ("mean", "std", "min", "max", "count", "mean-std", "mean+std")
 SUMMARY_STATS = AGGREGATES  # every one at every step: a margin chart needs its three series at the same steps
+CI_STATS = ("ci_low", "ci_high")  # written for labels whose values are all 0 or 1
 LAYOUT_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
 DEFAULT_LOGDIR = "runs"
 
@@ -158,6 +159,7 @@ class TensorBoardSink(Sink):
         label_names: Mapping[Any, str] | None = None,
         run_name: str | None = None,
         fsync: bool = False,
+        histograms: bool = False,
     ) -> None:
         if not _AVAILABLE:
             raise missing_extra("tensorboard", "tensorboard", "TensorBoardSink")
@@ -172,11 +174,15 @@ class TensorBoardSink(Sink):
         self.auto_run_name = run_name is None  # True until the default name is claimed on disk
         self.run_name = run_name or default_run_name()
         self.fsync = bool(fsync)
+        #: write each budgeted label's distribution as a histogram, <name>/<label>/histogram
+        #: (needs tables from GroupedStats(quantiles=...).compute(histograms=True); Tracker asks for them)
+        self.histograms = bool(histograms)
         ensure_writable_dir(self.logdir, "TensorBoardSink logdir")
         self._files: dict[str, tuple[BinaryIO, _FastRecordWriter]] = {}  # run dir -> open event file
         self._charts: dict[str, dict[str, tuple[str, ...]]] = {}  # run dir -> name -> labels charted
         self._layout_written: dict[str, Any] = {}  # run dir -> charts written into the open file
         self._tags: dict[tuple, tuple[str, ...]] = {}  # (name, label text, stats) -> tags (a cache)
+        self._quantile_charts: dict[tuple[str, str], tuple[str, ...]] = {}  # (run dir, name) -> quantile stats
         self._pid = os.getpid()  # the process that owns self._files
 
     # ----------------------------------------------------------------- pickling
@@ -314,12 +320,64 @@ class TensorBoardSink(Sink):
                 add(tag=tag, simple_value=value)
             if bad:
                 add(tag=tags[-1], simple_value=bad)
-        for stat, tag in zip(SUMMARY_STATS, self._label_tags(name, naming.SUMMARY, SUMMARY_STATS)):
+        qstats = naming.quantile_stats(rows.quantile_levels)
+        if qstats:  # <name>/<label>/p50 and friends
+            qvalues = np.stack([rows.quantile(q) for q in rows.quantile_levels], axis=1).tolist()
+            for part, vals in zip(parts, qvalues):
+                for tag, value in zip(self._label_tags(name, part, qstats), vals):
+                    add(tag=tag, simple_value=value)
+        ci_texts = []
+        if rows.binary.any():  # 0/1 metrics: the 95% Wilson interval of the mean, <name>/<label>/ci_low|ci_high
+            lo, hi = rows.confidence_interval()
+            for part, is_binary, low, high in zip(parts, rows.binary.tolist(), lo.tolist(), hi.tolist()):
+                if is_binary:
+                    ci_texts.append(part)
+                    tag_lo, tag_hi = self._label_tags(name, part, CI_STATS)
+                    add(tag=tag_lo, simple_value=low)
+                    add(tag=tag_hi, simple_value=high)
+        self.__dict__.setdefault("_ci_charts", {})[(str(self.run_dir(mode)), name)] = tuple(ci_texts)
+        if self.__dict__.get("histograms"):
+            self._add_histograms(add, name, parts, rows)
+        summary_stats = SUMMARY_STATS + (("median_of_medians",) if "median_of_medians" in view.aggregates else ())
+        for stat, tag in zip(summary_stats, self._label_tags(name, naming.SUMMARY, summary_stats)):
             add(tag=tag, simple_value=view.aggregates.get(stat, float("nan")))
         if view.over_budget:
             self._add_table(add, name, table, view)
+        self.__dict__.setdefault("_quantile_charts", {})[(str(self.run_dir(mode)), name)] = qstats
         self._add_layout(event, mode, name, tuple(zip(labels, zip(texts, parts))))
         self._emit(mode, event, f"{len(event.summary.value)} values of {name!r} at step {step}")
+
+    def _add_histograms(self, add: Any, name: str, texts: list[str], rows: StatsTable) -> None:
+        """Each label's sketch buckets as a legacy HistogramProto (Histograms/Distributions tabs)."""
+        if rows.histograms is None:
+            if len(rows) and not self.__dict__.get("_warned_histograms"):
+                self._warned_histograms = True
+                logger.warning("TensorBoardSink(histograms=True): the table of %r has no sketch buckets; track "
+                               "quantiles (GroupedStats/Tracker(quantiles=...)) and compute(histograms=True)", name)
+            return
+        for i, text in enumerate(texts):
+            lower, upper, counts = rows.histogram(i)
+            n = int(rows.count[i])
+            if not n or not len(counts):
+                continue
+            limits: list[float] = []
+            buckets: list[float] = []
+            prev = None
+            for lo, hi, c in zip(lower.tolist(), upper.tolist(), counts.tolist()):
+                if prev is not None and lo > prev:  # a gap between used buckets: an empty bucket up to lo
+                    limits.append(lo)
+                    buckets.append(0.0)
+                elif prev is None:
+                    limits.append(lo)  # left edge of the first bucket (TensorBoard reads limit[i-1]..limit[i])
+                    buckets.append(0.0)
+                limits.append(hi)
+                buckets.append(float(c))
+                prev = hi
+            mean, std = float(rows.mean[i]), float(rows.std[i])
+            histo = summary_pb2.HistogramProto(
+                min=float(rows.min[i]), max=float(rows.max[i]), num=float(n), sum=mean * n,
+                sum_squares=std * std * (n - 1) + n * mean * mean, bucket_limit=limits, bucket=buckets)
+            add(tag=self._label_tags(name, text, ("histogram",))[0], histo=histo)
 
     #: Over the label budget, the Text tab's table shows at most this many labels: the half with
     #: the largest means and the half with the smallest (10 million labels wrote 578 MB per step
@@ -372,20 +430,28 @@ class TensorBoardSink(Sink):
             charted.clear()
             charted.update(ordered)
         key = tuple((n, tuple(labs.values())) for n, labs in sorted(self._charts[run].items()))
+        quantile_charts = self.__dict__.setdefault("_quantile_charts", {})
+        key = key + tuple(sorted((n, q) for (r, n), q in quantile_charts.items() if r == run and q))
+        key = key + tuple(sorted(("ci", n, c) for (r, n), c in self.__dict__.setdefault("_ci_charts", {}).items() if r == run and c))
         if self._layout_written.get(run) == key:
             return
-        layout = layout_pb2.Layout(category=[self._category(n, labs) for n, labs in key])
+        qs = {n: q for (r, n), q in self.__dict__.setdefault("_quantile_charts", {}).items() if r == run}
+        cis = {n: c for (r, n), c in self.__dict__.setdefault("_ci_charts", {}).items() if r == run}
+        layout = layout_pb2.Layout(category=[self._category(n, tuple(labs.values()), qs.get(n, ()), cis.get(n, ()))
+                                             for n, labs in sorted(self._charts[run].items())])
         tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[layout.SerializeToString()],
                                         tensor_shape=tensor_shape_pb2.TensorShapeProto())
         event.summary.value.add(tag=LAYOUT_TAG, tensor=tensor, metadata=_plugin_metadata("custom_scalars", b""))
         self._layout_written[run] = key  # if the write fails, the file is dropped and this entry with it
 
-    def _category(self, name: str, labels: tuple[tuple[str, str], ...]) -> "layout_pb2.Category":
+    def _category(self, name: str, labels: tuple[tuple[str, str], ...], qstats: tuple[str, ...] = (),
+                  ci_parts: tuple[str, ...] = ()) -> "layout_pb2.Category":
         """The charts of ``name``: every label's mean in one chart, the overview band, then per label."""
-        return layout_pb2.Category(title=naming.visible(str(name)), chart=chart_order(self._charts_of(name, labels)),
-                                   closed=False)
+        return layout_pb2.Category(title=naming.visible(str(name)),
+                                   chart=chart_order(self._charts_of(name, labels, qstats, ci_parts)), closed=False)
 
-    def _charts_of(self, name: str, labels: tuple[tuple[str, str], ...]) -> list["layout_pb2.Chart"]:
+    def _charts_of(self, name: str, labels: tuple[tuple[str, str], ...], qstats: tuple[str, ...] = (),
+                   ci_parts: tuple[str, ...] = ()) -> list["layout_pb2.Chart"]:
         Series = layout_pb2.MarginChartContent.Series
 
         def chart(title: str, value: str, lower: str, upper: str) -> "layout_pb2.Chart":
@@ -403,6 +469,11 @@ class TensorBoardSink(Sink):
             tags = self._label_tags(name, part)
             charts.append(chart(f"{text}: mean ± std", tags[0], tags[5], tags[6]))
             charts.append(chart(f"{text}: min..max", tags[0], tags[2], tags[3]))
+            if "p50" in qstats and len(qstats) >= 3:  # median with the outermost tracked levels
+                qtags = self._label_tags(name, part, qstats)
+                charts.append(chart(f"{text}: median with {qstats[0]}..{qstats[-1]}", qtags[qstats.index("p50")], qtags[0], qtags[-1]))
+            if part in ci_parts:
+                charts.append(chart(f"{text}: mean with 95% CI", tags[0], *self._label_tags(name, part, CI_STATS)))
         return charts
 
     # ----------------------------------------------------------------- figures

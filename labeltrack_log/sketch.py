@@ -1,0 +1,526 @@
+"""Per-label quantile sketch: base-2 exponential histograms, vectorised over all labels at once.
+
+Pure numpy, no I/O. :class:`ExpHistograms` holds one exponential histogram per accumulator slot
+(label), in OpenTelemetry's bucket layout: at scale ``s`` a value ``v > 0`` falls in bucket
+``i = ceil(log2(v) * 2**s) - 1``, which covers ``(base**i, base**(i+1)]`` with
+``base = 2 ** 2 ** -s``. Negative values use the same buckets on ``|v|`` in a separate range and
+exact zeros have their own count, so zeros (common for losses), negatives (log-likelihoods,
+margins) and anything from 1e-308 to 1e308 are handled alike. A bucket is reported as
+``2 * base**(i+1) / (1 + base)``, which is within ``(base - 1) / (base + 1)`` relative error of
+every value in it: 0.54% at the default scale 6 (DDSketch's relative-accuracy guarantee).
+
+Storage is sparse: one sorted int64 key per (slot, bucket) actually used plus its int64 count,
+16 bytes a bucket. The key sorts by slot, then by value, so a quantile of every label is one
+``cumsum`` and one ``searchsorted``. Memory is bounded by ``max_buckets``: when an update or a
+merge would hold more buckets than that, the scale is lowered (each step merges pairs of
+adjacent buckets, ``i -> i >> 1``, halving the resolution, as OpenTelemetry does) and a
+warning is logged with the new relative accuracy.
+
+Merging adds counts bucket by bucket after both sides are brought to the lower scale, so it is
+exact: merge(A, B) holds the very buckets one sketch over A's and B's samples would.
+
+Example:
+    >>> import numpy as np
+    >>> h = ExpHistograms()
+    >>> h.add(np.array([0, 0, 0, 1]), np.array([1.0, 2.0, 3.0, -5.0]))
+    >>> est = h.quantiles([0.5], 2)
+    >>> bool(abs(est[0, 0] - 2.0) < 0.02), bool(abs(est[1, 0] + 5.0) < 0.05)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+__all__ = ["ExpHistograms", "DenseBuckets", "DEFAULT_SCALE", "DEFAULT_MAX_BUCKETS", "relative_accuracy"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCALE = 6  # 64 buckets per power of two: 0.54% relative error
+DEFAULT_MAX_BUCKETS = 1 << 22  # 4M buckets in use, 64 MB, across all labels
+MIN_SCALE, MAX_SCALE = -10, 9
+BYTES_PER_BUCKET = 16
+
+# key = slot << _SHIFT | (ordinal + _BIAS); ordinal: 0 for zero, _POS + i for v > 0, -(_POS + i)
+# for v < 0, so keys sort by slot, then by value. |i| <= 1075 * 2**9 < 2**20 = _POS.
+_SHIFT = 24
+_POS = 1 << 21
+_BIAS = 1 << 23
+_LOW = (1 << _SHIFT) - 1
+_EMPTY_LO, _EMPTY_HI = 1 << 40, -(1 << 40)
+_BLOCK = 64  # columns per block in the two-level quantile search  # a row's used range before its first value
+
+
+def relative_accuracy(scale: int) -> float:
+    """The worst relative error of an estimate at ``scale``: ``(base - 1) / (base + 1)``."""
+    base = 2.0 ** (2.0**-scale)
+    return (base - 1.0) / (base + 1.0)
+
+
+class DenseBuckets(NamedTuple):
+    """Dense per-slot bucket counts for a collective SUM (see :meth:`ExpHistograms.to_dense`).
+
+    ``pos[k, j]`` counts slot k's values in positive bucket ``pos_offset + j``; ``neg`` likewise
+    for ``|v|`` of negative values; ``zero[k]`` counts exact zeros. All ranks must use the same
+    ``scale``, offsets and widths before summing.
+    """
+
+    scale: int
+    pos_offset: int
+    pos: np.ndarray
+    neg_offset: int
+    neg: np.ndarray
+    zero: np.ndarray
+
+
+def _decode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slot, sign in {-1, 0, 1}, bucket index) of each key."""
+    slot = keys >> _SHIFT
+    o = (keys & _LOW) - _BIAS
+    sign = np.sign(o)
+    return slot, sign, np.abs(o) - _POS
+
+
+def _encode(slot: np.ndarray, sign: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    o = np.where(sign == 0, 0, sign * (_POS + idx))
+    return (slot << _SHIFT) | (o + _BIAS)
+
+
+def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return uniq, np.bincount(inv.reshape(-1), weights=counts, minlength=len(uniq)).astype(np.int64)
+
+
+class ExpHistograms:
+    """One base-2 exponential histogram per slot (label), updated for all slots at once.
+
+    Layout: for each sign a dense int64 matrix ``(slots, width)``; row k counts slot k's buckets
+    ``offset[k] .. offset[k] + width - 1``, so an update is one ``np.add.at`` over the chunk
+    (no sort). Each row has its own offset (labels on different scales cost no extra width);
+    the width is the widest span any label needs, plus headroom. Exact zeros have a count of
+    their own. Memory: ``8 * slots * (pos width + neg width + 1)`` bytes, bounded by
+    ``max_buckets`` cells.
+
+    Args:
+        scale: starting resolution, from -10 to 9; 6 (the default) gives 0.54% relative error,
+            each step down doubles it.
+        max_buckets: the most cells held at once over all slots (8 bytes each). Beyond it the
+            scale is lowered (adjacent buckets merged) and a warning logged.
+
+    Example:
+        >>> import numpy as np
+        >>> h = ExpHistograms(scale=6)
+        >>> h.add(np.zeros(3, dtype=np.int64), np.array([0.0, 0.0, 1.0]))
+        >>> h.quantiles([0.5, 0.9], 1).round(4).tolist()
+        [[0.0, 0.9946]]
+    """
+
+    def __init__(self, scale: int = DEFAULT_SCALE, max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or not MIN_SCALE <= scale <= MAX_SCALE:
+            raise ValueError(f"scale: expected an int from {MIN_SCALE} to {MAX_SCALE}, got {scale!r}")
+        if isinstance(max_buckets, bool) or not isinstance(max_buckets, (int, np.integer)) or max_buckets < 1:
+            raise ValueError(f"max_buckets: expected a positive int, got {max_buckets!r}")
+        self.initial_scale = int(scale)
+        self.max_buckets = int(max_buckets)
+        self.scale = int(scale)
+        self._n = 0  # slots in use
+        self._zero = np.zeros(0, dtype=np.int64)
+        # per sign (+1, -1): row offsets (slots,) and counts (slots, width)
+        self._off = {1: np.zeros(0, dtype=np.int64), -1: np.zeros(0, dtype=np.int64)}
+        self._cnt = {1: np.zeros((0, 0), dtype=np.int64), -1: np.zeros((0, 0), dtype=np.int64)}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_buckets(self) -> int:
+        """Number of non-empty (slot, bucket) pairs."""
+        return int(sum(np.count_nonzero(self._cnt[s][: self._n]) for s in (1, -1)) + np.count_nonzero(self._zero[: self._n]))
+
+    @property
+    def num_cells(self) -> int:
+        """Number of count cells held for the slots in use (what ``max_buckets`` bounds)."""
+        return self._n * (self._cnt[1].shape[1] + self._cnt[-1].shape[1] + 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the count matrices (capacity included)."""
+        return sum(self._cnt[s].nbytes + self._off[s].nbytes for s in (1, -1)) + self._zero.nbytes
+
+    @property
+    def relative_accuracy(self) -> float:
+        """The worst relative error of an estimate at the current scale."""
+        return relative_accuracy(self.scale)
+
+    def config(self) -> tuple[int, int]:
+        """What two sketches must share to be merged: (initial scale, max_buckets)."""
+        return self.initial_scale, self.max_buckets
+
+    def state(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(scale, keys, counts): the non-empty buckets in a compact sparse form, keys sorted by
+        slot, then value. For ``all_gather_object`` and :meth:`from_state`; equal sketches have
+        equal states."""
+        keys, counts = [], []
+        for sign in (1, -1):
+            c = self._cnt[sign][: self._n]
+            k, j = np.nonzero(c)
+            keys.append(_encode(k.astype(np.int64), np.full(len(k), sign), self._off[sign][k] + j))
+            counts.append(c[k, j])
+        k = np.flatnonzero(self._zero[: self._n])
+        keys.append(_encode(k.astype(np.int64), np.zeros(len(k), dtype=np.int64), np.zeros(len(k), dtype=np.int64)))
+        counts.append(self._zero[k])
+        keys_a, counts_a = np.concatenate(keys), np.concatenate(counts).astype(np.int64)
+        order = np.argsort(keys_a, kind="stable")
+        return self.scale, keys_a[order], counts_a[order]
+
+    def from_state(self, scale: int, keys: np.ndarray, counts: np.ndarray) -> "ExpHistograms":
+        """A sketch with this one's configuration holding the given :meth:`state`."""
+        new = ExpHistograms(self.initial_scale, self.max_buckets)
+        new.scale = int(scale)
+        keys, counts = np.asarray(keys, np.int64), np.asarray(counts, np.int64)
+        slot, sign, idx = _decode(keys)
+        new._absorb(slot, sign, idx, counts)
+        return new
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExpHistograms):
+            return NotImplemented
+        a, b = self.state(), other.state()
+        return self.config() == other.config() and a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getstate__(self) -> dict:
+        n = self._n
+        st = self.__dict__.copy()
+        st["_zero"] = self._zero[:n].copy()
+        st["_off"] = {s: v[:n].copy() for s, v in self._off.items()}
+        st["_cnt"] = {s: v[:n].copy() for s, v in self._cnt.items()}
+        return st
+
+    # ----------------------------------------------------------------- layout
+    def _reserve(self, n: int) -> None:
+        """Make room for slots 0..n-1."""
+        cap = len(self._zero)
+        if n > self._n:
+            self._n = n
+        if n <= cap:
+            return
+        new = max(n, 2 * cap, 16)
+        z = np.zeros(new, dtype=np.int64)
+        z[:cap] = self._zero
+        self._zero = z
+        for s in (1, -1):
+            a = np.zeros(new, dtype=np.int64)
+            a[:cap] = self._off[s]
+            self._off[s] = a
+            c = np.zeros((new, self._cnt[s].shape[1]), dtype=np.int64)
+            c[:cap] = self._cnt[s]
+            self._cnt[s] = c
+
+    def _used(self, sign: int) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest bucket index in use per slot (_EMPTY_LO/_EMPTY_HI for none)."""
+        cnt, off = self._cnt[sign], self._off[sign]
+        width = cnt.shape[1]
+        nz = cnt > 0
+        any_ = nz.any(axis=1) if width else np.zeros(len(cnt), dtype=bool)
+        if not width:
+            return np.full(len(cnt), _EMPTY_LO, dtype=np.int64), np.full(len(cnt), _EMPTY_HI, dtype=np.int64)
+        lo = np.where(any_, off + np.argmax(nz, axis=1), _EMPTY_LO)
+        hi = np.where(any_, off + width - 1 - np.argmax(nz[:, ::-1], axis=1), _EMPTY_HI)
+        return lo.astype(np.int64), hi.astype(np.int64)
+
+    def _fit(self, sign: int, slots: np.ndarray, idx: np.ndarray) -> None:
+        """Re-layout so every (slot, idx) pair lands inside its row (rare: new ranges only)."""
+        old_lo, old_hi = self._used(sign)
+        lo, hi = old_lo.copy(), old_hi.copy()
+        np.minimum.at(lo, slots, idx)
+        np.maximum.at(hi, slots, idx)
+        rows = np.flatnonzero(hi[: self._n] >= lo[: self._n])
+        span = int((hi[rows] - lo[rows]).max()) + 1
+        cnt, off = self._cnt[sign], self._off[sign]
+        width = cnt.shape[1]
+        margin = max(16, span // 4)  # headroom on both sides, so a growing range re-lays out rarely
+        if span + margin > width:
+            width = max(span + 2 * margin, width + width // 2)
+        bad = rows[(lo[rows] < off[rows]) | (hi[rows] >= off[rows] + cnt.shape[1]) | (span > cnt.shape[1])]
+        if width != cnt.shape[1]:
+            bad = rows
+            new_cnt = np.zeros((cnt.shape[0], width), dtype=np.int64)
+        else:
+            new_cnt = cnt
+        new_off = off.copy()
+        new_off[bad] = lo[bad] - (width - (hi[bad] - lo[bad] + 1)) // 2  # centre the used range
+        moved = [r for r in bad.tolist() if old_hi[r] >= old_lo[r]]
+        saved = {r: cnt[r, old_lo[r] - off[r] : old_hi[r] - off[r] + 1].copy() for r in moved}
+        if new_cnt is cnt:
+            cnt[bad] = 0
+        for r, vals in saved.items():
+            start = old_lo[r] - new_off[r]
+            new_cnt[r, start : start + len(vals)] = vals
+        self._cnt[sign], self._off[sign] = new_cnt, new_off
+
+    def _absorb(self, slots: np.ndarray, sign: np.ndarray | None, idx: np.ndarray, weights: np.ndarray | None) -> None:
+        """Add (weighted) counts at (slot, sign, bucket index) triples at the current scale."""
+        if not len(slots):
+            return
+        self._reserve(int(slots.max()) + 1)
+        if sign is None:  # all positive (the common case for losses): no masks
+            self._absorb_sign(1, slots, idx, weights)
+        else:
+            z = sign == 0
+            if z.any():
+                np.add.at(self._zero, slots[z], 1 if weights is None else weights[z])
+            for s in (1, -1):
+                m = sign == s
+                if m.any():
+                    self._absorb_sign(s, slots[m], idx[m], None if weights is None else weights[m])
+        self._bound()
+
+    def _absorb_sign(self, s: int, sl: np.ndarray, ix: np.ndarray, w: np.ndarray | None) -> None:
+        if True:
+            cnt, off = self._cnt[s], self._off[s]
+            col = ix - off[sl]
+            if cnt.shape[1] == 0 or col.min() < 0 or col.max() >= cnt.shape[1]:
+                self._fit(s, sl, ix)
+                cnt, off = self._cnt[s], self._off[s]
+                col = ix - off[sl]
+            col += sl * cnt.shape[1]
+            np.add.at(cnt.reshape(-1), col, 1 if w is None else w)
+
+    def _bound(self) -> None:
+        if self.num_cells <= self.max_buckets:
+            return
+        old, before = self.scale, self.num_cells
+        while self.num_cells > self.max_buckets and self.scale > MIN_SCALE:
+            self.downscale(1)
+        log.warning(
+            "quantile sketch: %d count cells for %d labels exceed max_buckets=%d; lowered the scale from %d to %d "
+            "(%d cells now, relative accuracy %.3g%% instead of %.3g%%)",
+            before, self._n, self.max_buckets, old, self.scale, self.num_cells,
+            100 * relative_accuracy(self.scale), 100 * relative_accuracy(old),
+        )
+
+    # ----------------------------------------------------------------- update
+    def add(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """Add finite ``values`` to the histograms of ``slots`` (int64 arrays of one length)."""
+        if not len(values):
+            return
+        slots = slots.astype(np.int64, copy=False)
+        positive = values.min() > 0
+        mag = values if positive else np.abs(values)
+        with np.errstate(divide="ignore", invalid="ignore"):  # log2(0) = -inf: zeros go by sign
+            lg = np.log2(mag)
+            lg *= float(2.0**self.scale)
+            np.ceil(lg, out=lg)
+            idx = lg.astype(np.int64)
+        idx -= 1
+        self._absorb(slots, None if positive else np.sign(values).astype(np.int64), idx, None)
+
+    def downscale(self, by: int) -> None:
+        """Lower the scale by ``by`` steps, merging adjacent buckets (``i -> i >> by``)."""
+        by = min(int(by), self.scale - MIN_SCALE)
+        if by <= 0:
+            return
+        self.scale -= by
+        for s in (1, -1):
+            cnt, off = self._cnt[s], self._off[s]
+            n, width = cnt.shape
+            if width == 0:
+                continue
+            new_off = off >> by
+            new_width = (width >> by) + 2
+            cols = ((off[:, None] + np.arange(width)) >> by) - new_off[:, None]
+            new = np.zeros((n, new_width), dtype=np.int64)
+            np.add.at(new, (np.repeat(np.arange(n), width), cols.reshape(-1)), cnt.reshape(-1))
+            self._cnt[s], self._off[s] = new, new_off
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, other: "ExpHistograms", slot_map: np.ndarray) -> None:
+        """Add ``other``'s counts, its slot ``k`` becoming this sketch's slot ``slot_map[k]``.
+
+        Both sketches must share :meth:`config`; the result has the lower of the two scales.
+
+        Raises:
+            ValueError: the sketches were made with different scales or bucket bounds.
+        """
+        if other.config() != self.config():
+            raise ValueError(
+                f"merge: expected a quantile sketch with (scale, max_buckets) = {self.config()}, "
+                f"got {other.config()}; create both accumulators with the same quantile settings"
+            )
+        scale, keys, counts = other.state()
+        if not len(keys):
+            return
+        if scale < self.scale:
+            self.downscale(self.scale - scale)
+        slot, sign, idx = _decode(keys)
+        if scale > self.scale:
+            idx = np.where(sign == 0, 0, idx >> (scale - self.scale))
+        self._absorb(np.asarray(slot_map, dtype=np.int64)[slot], sign, idx, counts)
+
+    def to_dense(self, num_slots: int, pos_range: tuple[int, int] | None = None, neg_range: tuple[int, int] | None = None) -> DenseBuckets:
+        """Dense per-slot counts over one shared index range, e.g. for a ``torch.distributed``
+        SUM across ranks.
+
+        ``pos_range``/``neg_range`` are inclusive (lowest, highest) bucket indices; by default
+        those this sketch uses (:meth:`index_ranges`). Ranks must first agree on the scale (MIN,
+        then :meth:`downscale`) and on the ranges (MIN of the lows, MAX of the highs).
+        """
+        scale, keys, counts = self.state()
+        slot, sign, idx = _decode(keys)
+        own = self.index_ranges()
+        parts = {}
+        for s, rng, name in ((1, pos_range or own[0], "pos"), (-1, neg_range or own[1], "neg")):
+            lo, hi = rng
+            arr = np.zeros((num_slots, max(hi - lo + 1, 0)), dtype=np.int64)
+            m = sign == s
+            if m.any():
+                if idx[m].min() < lo or idx[m].max() > hi:
+                    raise ValueError(f"to_dense: {name} buckets {idx[m].min()}..{idx[m].max()} fall outside the range {lo}..{hi}")
+                arr[slot[m], idx[m] - lo] = counts[m]
+            parts[name] = (lo, arr)
+        zero = np.zeros(num_slots, dtype=np.int64)
+        z = sign == 0
+        zero[slot[z]] = counts[z]
+        return DenseBuckets(scale, parts["pos"][0], parts["pos"][1], parts["neg"][0], parts["neg"][1], zero)
+
+    def index_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Inclusive (lowest, highest) bucket index in use of the positive and the negative range
+        ((0, -1) when a range is empty)."""
+        out = []
+        for s in (1, -1):
+            lo, hi = (a[: self._n] for a in self._used(s))
+            used = hi >= lo
+            out.append((int(lo[used].min()), int(hi[used].max())) if used.any() else (0, -1))
+        return out[0], out[1]
+
+    def from_dense(self, dense: DenseBuckets) -> "ExpHistograms":
+        """A sketch with this one's configuration holding the counts of ``dense``."""
+        new = ExpHistograms(self.initial_scale, self.max_buckets)
+        new.scale = int(dense.scale)
+        for s, lo, arr in ((1, dense.pos_offset, dense.pos), (-1, dense.neg_offset, dense.neg)):
+            k, j = np.nonzero(arr)
+            new._absorb(k.astype(np.int64), np.full(len(k), s), j.astype(np.int64) + lo, arr[k, j])
+        k = np.flatnonzero(dense.zero)
+        new._absorb(k.astype(np.int64), np.zeros(len(k), dtype=np.int64), np.zeros(len(k), dtype=np.int64), dense.zero[k])
+        return new
+
+    # ----------------------------------------------------------------- result
+    def _representative(self, sign: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        base = 2.0 ** (2.0**-self.scale)
+        with np.errstate(over="ignore", under="ignore"):
+            mag = np.exp2(idx * 2.0**-self.scale) * (2.0 * base / (1.0 + base))
+        return np.where(sign == 0, 0.0, sign * mag)
+
+    def quantiles(self, levels: Sequence[float], num_slots: int) -> np.ndarray:
+        """Estimates of shape (num_slots, len(levels)); NaN for a slot with no value.
+
+        The estimate for level q is the bucket of the order statistic at rank
+        ``round(q * (n - 1))`` (0-based), so it is within :attr:`relative_accuracy` of a sample
+        value whose rank is ``floor`` or ``ceil`` of ``q * (n - 1)``. Callers clamp into the
+        exact [min, max].
+        """
+        out = np.full((num_slots, len(levels)), np.nan)
+        n = min(num_slots, self._n)
+        if n == 0 or not len(levels):
+            return out
+        neg, pos = self._cnt[-1][:n], self._cnt[1][:n]
+        wn, wp = neg.shape[1], pos.shape[1]
+        # Columns in increasing value order: negatives from the largest |v| down, zero, positives.
+        # Without negatives (losses) the zero column is a prefix count, so pos is not copied.
+        if wn:
+            cols = np.concatenate([neg[:, ::-1], self._zero[:n, None], pos], axis=1)
+            prefix = np.zeros(n, dtype=np.int64)
+        else:
+            cols, prefix = pos, self._zero[:n]
+        width = cols.shape[1]
+        total = prefix + (cols.sum(axis=1) if width else 0)
+        rank = np.floor(np.multiply.outer(total - 1, np.asarray(levels, dtype=np.float64)) + 0.5).astype(np.int64)  # (n, L)
+        rows = np.arange(n)
+        col = np.zeros_like(rank)
+        if width:
+            # Two levels, so the (labels, width) matrix is read once: block sums of _BLOCK columns,
+            # one searchsorted over every row's cumulative block sums (rows laid end to end, each
+            # shifted above the last), then a cumsum inside the one block each estimate falls in.
+            starts = np.arange(0, width, _BLOCK)
+            blocks = np.add.reduceat(cols, starts, axis=1)
+            bcum = np.cumsum(blocks, axis=1)
+            bcum += prefix[:, None]
+            big = int(total.max()) + 1
+            nblocks = len(starts)
+            shifted = bcum + (rows * big)[:, None]
+            hb = np.searchsorted(shifted.reshape(-1), rank + (rows * big)[:, None], side="right") - (rows * nblocks)[:, None]
+            hb = np.minimum(hb, nblocks - 1)
+            before = np.where(hb > 0, bcum[rows[:, None], np.maximum(hb - 1, 0)], prefix[:, None])  # (n, L)
+            cells = starts[hb][..., None] + np.arange(_BLOCK)  # (n, L, _BLOCK)
+            inside = cells < width
+            got = np.where(inside, cols[rows[:, None, None], np.minimum(cells, width - 1)], 0)
+            within = np.cumsum(got, axis=2) + before[..., None]
+            col = starts[hb] + np.argmax(within > rank[..., None], axis=2)
+        in_zero_prefix = rank < prefix[:, None]
+        if wn:
+            sign = np.where(col < wn, -1, np.where(col == wn, 0, 1))
+            idx = np.where(sign < 0, self._off[-1][rows, None] + (wn - 1 - col), self._off[1][rows, None] + (col - wn - 1))
+        else:
+            sign = np.where(in_zero_prefix, 0, 1)
+            idx = self._off[1][rows, None] + col
+        est = self._representative(sign, idx)
+        out[:n] = np.where((total > 0)[:, None], est, np.nan)
+        return out
+
+    def edges(self, sign: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) edges of buckets given by sign and index at the current scale."""
+        step = 2.0**-self.scale
+        with np.errstate(over="ignore", under="ignore"):
+            a, b = np.exp2(idx * step), np.exp2((idx + 1) * step)
+        lower = np.where(sign > 0, a, np.where(sign < 0, -b, 0.0))
+        upper = np.where(sign > 0, b, np.where(sign < 0, -a, 0.0))
+        return lower, upper
+
+    def histograms(self, rows_of_slots: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every slot's non-empty buckets as one CSR block: (row pointer (num_rows + 1,), lower
+        edges, upper edges, counts), slot k at row ``rows_of_slots[k]``, buckets in value order."""
+        _, keys, counts = self.state()
+        slot, sign, idx = _decode(keys)
+        row = np.asarray(rows_of_slots, dtype=np.int64)[slot]
+        order = np.argsort(row, kind="stable")  # keys are in value order within a slot: kept
+        lower, upper = self.edges(sign[order], idx[order])
+        ptr = np.searchsorted(row[order], np.arange(num_rows + 1), side="left")
+        return ptr, lower, upper, counts[order]
+
+    def buckets(self, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lower edges, upper edges, counts) of ``slot``'s non-empty buckets in increasing value
+        order. A positive bucket i covers ``(base**i, base**(i+1)]``, a negative one
+        ``[-base**(i+1), -base**i)``, the zero bucket ``[0, 0]``.
+        """
+        scale, keys, counts = self.state()
+        lo = np.searchsorted(keys, slot << _SHIFT, side="left")
+        hi = np.searchsorted(keys, (slot + 1) << _SHIFT, side="left")
+        _, sign, idx = _decode(keys[lo:hi])
+        step = 2.0**-scale
+        with np.errstate(over="ignore", under="ignore"):
+            a, b = np.exp2(idx * step), np.exp2((idx + 1) * step)
+        lower = np.where(sign > 0, a, np.where(sign < 0, -b, 0.0))
+        upper = np.where(sign > 0, b, np.where(sign < 0, -a, 0.0))
+        return lower, upper, counts[lo:hi].copy()
+
+
+def check_levels(quantiles: Sequence[float] | None) -> tuple[float, ...]:
+    """Validate quantile levels: a sequence of distinct floats in (0, 1); returned sorted."""
+    if quantiles is None:
+        return ()
+    if isinstance(quantiles, (str, bytes)) or not hasattr(quantiles, "__iter__"):
+        raise ValueError(f"quantiles: expected None or a sequence of levels in (0, 1) such as (0.1, 0.5, 0.9), got {quantiles!r}")
+    levels = []
+    for q in quantiles:
+        if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) or not (0.0 < float(q) < 1.0) or math.isnan(float(q)):
+            raise ValueError(f"quantiles: expected levels strictly between 0 and 1 (e.g. 0.5 for the median), got {q!r}")
+        levels.append(float(q))
+    if not levels:
+        raise ValueError("quantiles: expected at least one level (or None for no quantiles), got an empty sequence")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"quantiles: expected distinct levels, got {tuple(levels)}")
+    return tuple(sorted(levels))
