@@ -45,7 +45,7 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from ._spool import Spool, deliver, find_or_create_run, http_limits, is_transient, short_error
+from ._spool import Spool, deliver, open_client, find_or_create_run, http_limits, is_transient, short_error
 
 __all__ = ["DeliveryProcess", "SUPPORTED", "main"]
 
@@ -270,9 +270,7 @@ class _Child:
 
     def mlflow_client(self) -> Any:
         if self.client is None:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = open_client(self.uri)
         return self.client
 
     def failed(self, op: dict[str, Any], err: BaseException) -> None:

@@ -31,6 +31,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,10 +51,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Spool", "deliver", "replay_spool", "check_uri", "is_transient", "http_limits", "get_existing"]
+__all__ = ["Spool", "deliver", "replay_spool", "check_uri", "is_transient", "http_limits", "get_existing", "open_client"]
 
 RUN_TAG = "labeltrack.sink_run"
 REPLAY_TIMEOUT = 30.0
+STORE_LOCK_TIMEOUT = 300.0  # longest wait for another process creating or migrating a sqlite store
+_MIGRATION_RACE = ("duplicate column name", "online migration expected", "table alembic_version already exists")
 _ENV_LOCK = threading.Lock()
 T = TypeVar("T")
 
@@ -152,6 +155,57 @@ class Spool:
 
 
 # ------------------------------------------------------------------------- delivery
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other URIs and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):].split("?")[0]
+    return None if not db or db == ":memory:" else Path(db)
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` (an exclusive ``flock``) for a sqlite URI, so that only one process at a
+    time creates or migrates the store's schema: MLflow's migrations are not safe to run
+    concurrently (``duplicate column name: step``, "Online migration expected"). The lock file is
+    left in place (removing it would race the next process). A lock that cannot be taken within
+    ``STORE_LOCK_TIMEOUT`` (or no ``fcntl``) lets the caller go on without it."""
+    db = sqlite_path(uri)
+    if db is None or fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        logger.debug("no store lock for %s: %s", db, err)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + STORE_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    logger.warning("%s.lock: still held after %.0f s; opening the store without it", db,
+                                   STORE_LOCK_TIMEOUT)
+                    break
+                time.sleep(0.05)  # poll: another process is creating the schema (a few seconds)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def open_client(uri: str) -> "MlflowClient":
+    """An ``MlflowClient`` for ``uri`` whose store is open: for a sqlite store its creation or
+    migration runs under :func:`store_lock`, so processes starting together never race on the schema."""
+    from mlflow import MlflowClient
+
+    with store_lock(uri):  # MlflowClient opens (creates, migrates) the store in its constructor
+        return MlflowClient(tracking_uri=uri)
+
+
 def import_mlflow() -> Any:
     """``import mlflow``, or the MissingExtraError that names the ``mlflow`` extra."""
     try:
@@ -223,6 +277,9 @@ def is_transient(err: BaseException) -> bool:
     request the server rejects (bad key, unknown or deleted run). A sqlite store that another process
     holds locked (SQLITE_BUSY/SQLITE_LOCKED, after SQLite's own wait) is transient too."""
     orig = getattr(err, "orig", err)  # SQLAlchemy wraps the DB-API error
+    text = str(err).lower()
+    if any(m in text for m in _MIGRATION_RACE):  # another process is migrating the store right now
+        return True
     code = getattr(orig, "sqlite_errorcode", None) if isinstance(orig, sqlite3.Error) else None
     if code is not None and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):  # primary code
         return True
@@ -394,8 +451,6 @@ def replay_spool(path: str | os.PathLike, tracking_uri: str | None = None) -> in
 
 
 def _replay(spool: Spool, tracking_uri: str | None) -> int:
-    from mlflow import MlflowClient
-
     path = spool.path
     state, ops = spool.state(), spool.pending()
     if not ops:
@@ -403,7 +458,7 @@ def _replay(spool: Spool, tracking_uri: str | None) -> int:
         return 0
     uri = tracking_uri or ops[0]["tracking_uri"]
     check_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     run_id = state.get("run_id") or ops[0].get("run_id")
     sent = 0
     for i, op in enumerate(ops):

@@ -54,7 +54,7 @@ from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
 from ._delivery import SUPPORTED as PROCESS_SUPPORTED
 from ._delivery import DeliveryProcess
 from ._spool import (Spool, check_uri, deliver, find_or_create_run, get_existing, http_limits, import_mlflow, is_http,
-                     is_transient, png_b64, replay_spool, short_error)
+                     is_transient, open_client, png_b64, replay_spool, short_error)
 from .files import csv_text, tidy_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -288,9 +288,7 @@ class MLflowSink(Sink):
     def client(self) -> "MlflowClient":
         """The sink's own ``MlflowClient`` (created on first use, dropped when pickled)."""
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
         return self._client
 
     def _construct(self, call: Any, what: str) -> bool:
