@@ -260,7 +260,10 @@ def test_a_torn_spool_line_is_skipped_and_the_batches_around_it_arrive(mlflow_se
 
 def test_no_delivery_process_means_inline_delivery_not_lost_batches(mlflow_server, caplog, monkeypatch, tmp_path):
     rest = Rest(mlflow_server.url)
-    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))  # the child cannot be started
+    from labeltrack_log.sinks import _delivery
+
+    monkeypatch.setattr(_delivery.DeliveryProcess, "_shared", None)  # this process has no delivery process yet
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))  # and none can be started
     sink = MLflowSink(mlflow_server.url, experiment="no-child", timeout=TIMEOUT, delivery="process")
     assert sink.delivery == "inline"  # switched, with the run's creation as its backlog
     assert "could not start the MLflow delivery process" in messages(caplog, logging.ERROR)
@@ -291,3 +294,54 @@ def test_a_long_run_spool_is_rotated_once_delivered(mlflow_server, monkeypatch):
     assert not any(p.exists() for p in set(files)) and not sink.spool_dir.exists()
     assert_exactly_once(rest, run_id, list(range(12)), 8)
     assert rest.run(run_id)["info"]["status"] == "FINISHED"
+
+
+def test_one_delivery_process_serves_every_sink_of_the_process(mlflow_server, caplog):
+    rest = Rest(mlflow_server.url)
+    loss = MLflowSink(mlflow_server.url, experiment="shared-child", timeout=TIMEOUT, retry_interval=0.1)
+    acc = MLflowSink(mlflow_server.url, experiment="shared-child", timeout=TIMEOUT, retry_interval=0.1)
+    assert loss._process.proc is acc._process.proc and loss.spool.path != acc.spool.path
+    pid = loss._process.proc.pid
+    for step in range(3):
+        loss.log_stats(table(step, 5), step=step, name="ce", mode="train")
+        acc.log_stats(table(step, 4, offset=100.0), step=step, name="acc", mode="train")
+    loss.close()
+    assert acc._process.alive()  # closing one sink leaves the child serving the other
+    acc.log_stats(table(3, 4, offset=100.0), step=3, name="acc", mode="train")
+    acc.close()
+    later = MLflowSink(mlflow_server.url, experiment="shared-child", timeout=TIMEOUT)  # a second fit(): no new child
+    later.log_stats(table(0, 2), step=0, name="ce", mode="eval")
+    assert later._process.proc.pid == pid
+    later.close()
+    assert_exactly_once(rest, loss.run_id, [0, 1, 2], 5)
+    history = rest.history(acc.run_id, "acc/train/0/mean")
+    assert [s for s, _ in history] == [0, 1, 2, 3] and history[0][1] == pytest.approx(100.0)
+    assert {rest.run(r)["info"]["status"] for r in (loss.run_id, acc.run_id, later.run_id)} == {"FINISHED"}
+    assert len({loss.run_id, acc.run_id, later.run_id}) == 3
+
+
+TWO_KILLED = PRELUDE + """
+sinks = [MLflowSink(sys.argv[1], experiment=sys.argv[2], close_timeout=30) for _ in range(2)]
+assert sinks[0]._process.proc is sinks[1]._process.proc
+for step in range(3):
+    for sink in sinks:
+        sink.log_stats(table(step, 5), step=step, name="ce", mode="train")
+print(json.dumps({"spools": [str(s.spool.path) for s in sinks]}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_training_process_with_two_sinks_gets_both_runs_delivered_and_killed(mlflow_server, tmp_path):
+    from labeltrack_log.sinks._spool import Spool
+
+    experiment = f"two-killed-{time.time_ns()}"
+    out = subprocess.run([sys.executable, "-c", TWO_KILLED, mlflow_server.url, experiment], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    spools = [Spool(p) for p in json.loads(out.stdout.splitlines()[-1])["spools"]]
+    wait_until(lambda: not any(s.exists() or s.busy() for s in spools), 90, "the orphaned delivery process")
+    rest = Rest(mlflow_server.url)
+    runs = rest.runs_in(experiment)
+    assert len(runs) == 2 and {r["info"]["status"] for r in runs} == {"KILLED"}
+    for run in runs:
+        assert_exactly_once(rest, run["info"]["run_id"], [0, 1, 2], 5)

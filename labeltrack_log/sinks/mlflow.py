@@ -52,7 +52,7 @@ from ..grouping import StatsTable
 from ..naming import STATS, SUMMARY, image_key, mlflow_key, table_file
 from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
 from ._delivery import SUPPORTED as PROCESS_SUPPORTED
-from ._delivery import DeliveryProcess
+from ._delivery import Channel, DeliveryProcess
 from ._spool import (Spool, check_uri, deliver, find_or_create_run, get_existing, http_limits, import_mlflow, is_http,
                      is_transient, open_client, png_b64, replay_spool, short_error)
 from .files import csv_text, tidy_rows
@@ -248,7 +248,7 @@ class MLflowSink(Sink):
         self._ensure_process()
 
     def _init_runtime(self) -> None:
-        self._process: DeliveryProcess | None = None
+        self._process: Channel | None = None
         self._journaled = -1  # seq of the last batch written to the spool
         self._client: "MlflowClient | None" = None
         self._lock = threading.RLock()
@@ -447,35 +447,49 @@ class MLflowSink(Sink):
             logger.log(int(report.get("level", logging.WARNING)), "%s", report["msg"])
 
     def _ensure_process(self) -> bool:
-        """Start the delivery process, or restart one that exited unexpectedly. False when that is
+        """Attach this sink's spool to the process's delivery child, starting it (or restarting one
+        that exited unexpectedly: every open spool is handed to the new child). False when that is
         not possible (it cannot be started, or it died MAX_RESTARTS times): the sink then switches to
         inline delivery, with the spool's undelivered batches as its backlog."""
-        proc = self._process
-        if proc is not None and proc.alive():
+        channel = self._process
+        if channel is not None and channel.alive():
             return True
-        restarts = 0
-        if proc is not None:
-            proc.poll()
-            restarts = proc.restarts + 1
-            if restarts > MAX_RESTARTS:
-                self._to_inline(f"the MLflow delivery process exited unexpectedly {restarts} times (exit code "
-                                f"{proc.proc.returncode}; see its messages above)")
-                return False
-            logger.error("the MLflow delivery process exited unexpectedly (exit code %s; see its messages above); "
-                         "restarting it: every batch is kept in %s", proc.proc.returncode, self.spool.path)
-        proc = DeliveryProcess(self.spool, timeout=self.timeout, retry_interval=self.retry_interval,
-                               close_timeout=self.close_timeout, on_report=self._on_report, restarts=restarts)
-        try:
-            proc.start()
-        except OSError as err:
-            self._to_inline(f"could not start the MLflow delivery process ({type(err).__name__}: {err})")
-            return False
-        self._process = proc
+        shared = DeliveryProcess.shared()
+        with shared._lock:
+            if not shared.alive():
+                if shared.proc is not None:
+                    shared.poll()
+                    code = shared.proc.returncode
+                    if shared.restarts + 1 > MAX_RESTARTS:
+                        self._to_inline(f"the MLflow delivery process exited unexpectedly {shared.restarts + 1} "
+                                        f"times (exit code {code}; see its messages above)")
+                        return False
+                    logger.error("the MLflow delivery process exited unexpectedly (exit code %s; see its messages "
+                                 "above); restarting it: every batch is kept in %s", code, self.spool.path)
+                try:
+                    shared.start()
+                except OSError as err:
+                    self._to_inline(f"could not start the MLflow delivery process ({type(err).__name__}: {err})")
+                    return False
+            if channel is None or channel.id not in shared.channels:
+                try:
+                    os.close(self.spool.lock())  # a replay of this spool is running: deliver inline
+                except BlockingIOError:
+                    self._to_inline(f"the spool {self.spool.path} is being replayed by another process")
+                    return False
+                except (OSError, TypeError):
+                    pass
+                channel = shared.attach(self.spool, timeout=self.timeout, retry_interval=self.retry_interval,
+                                        close_timeout=self.close_timeout, on_report=self._on_report,
+                                        run_id=self._run_id)
+        self._process = channel
         return True
 
     def _to_inline(self, why: str) -> None:
         logger.error("%s; delivering from the training process instead (the batches not delivered yet are in %s)",
                      why, self.spool.path)
+        if self._process is not None:
+            self._process.detach()
         self.delivery, self._process = "inline", None
         self._retry_at = 0.0
         try:
@@ -578,8 +592,8 @@ class MLflowSink(Sink):
                 self._warn_backlog()
                 return
             if not self._process.finish():
-                logger.warning("MLflowSink: the delivery process did not finish within close_timeout=%ss and was "
-                               "stopped; what it did not deliver is kept in %s: labeltrack-log replay %s",
+                logger.warning("MLflowSink: the delivery process did not finish within close_timeout=%ss; what it "
+                               "did not deliver is kept in %s: labeltrack-log replay %s",
                                self.close_timeout, self.spool.path, self.spool.path)
             try:
                 self.spool_dir.rmdir()  # only when empty: nothing was left behind
