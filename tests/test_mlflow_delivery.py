@@ -23,7 +23,7 @@ if os.name != "posix":  # pragma: no cover
     pytest.skip("process delivery needs POSIX", allow_module_level=True)
 
 import servers  # noqa: E402
-from test_mlflow_outage import BOUND, TIMEOUT, FaultyProxy, Rest, assert_exactly_once, figure, png_steps, table, timed  # noqa: E402
+from test_mlflow_outage import BOUND, TIMEOUT, FaultyProxy, Rest, assert_exactly_once, expected_values, figure, png_steps, table, timed  # noqa: E402
 
 from labeltrack_log import ConfigError  # noqa: E402
 from labeltrack_log.sinks.mlflow import MLflowSink, replay_spool  # noqa: E402
@@ -345,3 +345,34 @@ def test_a_killed_training_process_with_two_sinks_gets_both_runs_delivered_and_k
     assert len(runs) == 2 and {r["info"]["status"] for r in runs} == {"KILLED"}
     for run in runs:
         assert_exactly_once(rest, run["info"]["run_id"], [0, 1, 2], 5)
+
+
+def _log_in_a_fork_worker(sink, steps):  # runs in a multiprocessing fork worker, with the parent's sink
+    for step in steps:
+        sink.log_stats(table(step, 3, offset=50.0), step=step, name="worker", mode="train")
+
+
+@pytest.mark.timeout(180)
+def test_a_forked_worker_logging_through_the_parents_sink_loses_nothing(mlflow_server, caplog):
+    import multiprocessing
+
+    rest = Rest(mlflow_server.url)
+    sink = MLflowSink(mlflow_server.url, experiment="fork", timeout=TIMEOUT, retry_interval=0.1)
+    sink.log_stats(table(1, 3), step=1, name="ce", mode="train")
+    run_id = sink.run_id
+    worker = multiprocessing.get_context("fork").Process(target=_log_in_a_fork_worker, args=(sink, [10, 11, 12]))
+    worker.start()
+    sink.log_stats(table(2, 3), step=2, name="ce", mode="train")  # while the worker logs
+    worker.join(60)
+    assert worker.exitcode == 0
+    for step in (3, 4):
+        sink.log_stats(table(step, 3), step=step, name="ce", mode="train")
+    sink.close()
+    assert sink.delivery == "process"  # the parent never decided its delivery process had died
+    assert "exited unexpectedly" not in messages(caplog, logging.ERROR)
+    for key, values in expected_values([1, 2, 3, 4], 3).items():
+        assert rest.history(run_id, key) == values, key  # the parent lost nothing
+    wait_until(lambda: len(rest.history(run_id, "worker/train/2/mean")) == 3, 60, "the worker's values")
+    assert rest.history(run_id, "worker/train/2/mean") == [(s, 50.0 + 2 + s / 8) for s in (10, 11, 12)]
+    assert rest.run(run_id)["info"]["status"] == "FINISHED"  # the worker, which does not own the run, never ends it
+    wait_until(lambda: not sink.spool_dir.exists() or not any(sink.spool_dir.iterdir()), 60, "the worker's spool")

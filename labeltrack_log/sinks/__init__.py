@@ -50,6 +50,9 @@ ENV_VAR = "LABELTRACK_SINKS"
 _NO_TABLE = object()  # Sink._check_call of a log_figure
 
 
+END_STATUSES = (None, "FINISHED", "FAILED", "KILLED")
+
+
 class Sink:
     """Base class of every sink. Subclasses implement :meth:`log_stats` and usually :meth:`log_figure`.
 
@@ -103,11 +106,18 @@ class Sink:
     def flush(self) -> None:
         """Make everything logged so far durable/visible. Default: nothing to do."""
 
-    def close(self) -> None:
-        """Flush and release resources. Safe to call more than once."""
+    def close(self, status: str | None = None) -> None:
+        """Flush and release resources. Safe to call more than once.
+
+        Args:
+            status: How the training ended, for sinks that record it (``"FINISHED"``, ``"FAILED"``,
+                ``"KILLED"``; None: finished normally). Kept in ``self.end_status``."""
+        if status not in END_STATUSES:
+            raise ValueError(f"status: expected one of {', '.join(map(repr, END_STATUSES))}, got {status!r}")
         if self._closed:
             return
         self._closed = True
+        self.end_status = status
         self._close()
 
     def _close(self) -> None:

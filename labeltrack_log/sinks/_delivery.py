@@ -290,6 +290,23 @@ class Channel:
         return finished
 
 
+def _forget_parent_process() -> None:
+    """After a fork, in the child: close the inherited pipes to the parent's delivery process (so it
+    still sees end of file when the parent ends); the child starts its own when a sink needs one."""
+    old = DeliveryProcess._shared
+    DeliveryProcess._shared_lock = threading.Lock()  # it may have been held by another thread at the fork
+    if old is not None and old.proc is not None and old.pid != os.getpid():
+        for pipe in (old.proc.stdin, old.proc.stdout):
+            try:
+                pipe.close()
+            except (OSError, ValueError):
+                pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_process)
+
+
 # ============================================================================= child side
 class _Follower:
     """Follow one spool file and deliver its batches in order (one sink, in the delivery process)."""

@@ -17,7 +17,8 @@ Exactly once: a replayed batch is looked up before it is sent (:func:`deliver` w
 metrics batch is skipped if the history of its first key already holds its step and millisecond
 timestamp (unique per batch), an image if ``images/`` holds its file, a run creation reuses the run
 tagged with its ``sink_run``. So a batch that was stored but whose answer was lost is not sent again.
-Residual risk: an image whose PNG was stored but not its ``.webp`` thumbnail is sent again (a second
+A metrics batch may carry run ``tags`` (``{"labeltrack.names": "ce,acc"}`` when a tracked name first
+appears), sent in the same ``log_batch`` request; setting a tag again is harmless. Residual risk: an image whose PNG was stored but not its ``.webp`` thumbnail is sent again (a second
 image at that step). Values are strict JSON: NaN is written as ``null``.
 """
 
@@ -379,7 +380,13 @@ def deliver(client: "MlflowClient", op: Mapping[str, Any], run_id: str, check: b
             if any(m.step == step and m.timestamp == ts for m in client.get_metric_history(run_id, key)):
                 return False
         metrics = [Metric(k, math.nan if v is None else v, ts, step) for k, v, ts, step in rows]
-        client.log_batch(run_id, metrics=metrics, synchronous=True)
+        if op.get("tags"):
+            from mlflow.entities import RunTag
+
+            client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in op["tags"].items()],
+                             synchronous=True)
+        else:
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
     elif kind == "image":
         prefix = image_prefix(op["key"], op["step"], op["timestamp"])
         if check and any(f.path.startswith(prefix) and f.path.endswith("+compressed.webp")

@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
-__all__ = ["MLflowSink", "replay_spool"]
+__all__ = ["MLflowSink", "exit_status", "replay_spool"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ MAX_RESTARTS = 3  # of a delivery process that exited unexpectedly
 ROTATE_BYTES = 16 << 20  # process delivery: a delivered spool file past this size is replaced by a new one
 DELIVERIES = ("auto", "process", "inline")
 _STAT_KEYS = STATS + ("nonfinite",)
+NAMES_TAG = "labeltrack.names"  # run tag: the tracked names in the run, comma-separated, in first-logged order
 
 
 def _resolve_uri(tracking_uri: str | None, mlflow: Any) -> str:
@@ -99,6 +100,15 @@ def _positive(value: Any, what: str, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def exit_status(exc: BaseException | None) -> str:
+    """The MLflow run status for a block that ended with ``exc``: FINISHED for none or a clean
+    ``sys.exit(0)``/``sys.exit()``, KILLED for KeyboardInterrupt, FAILED for anything else (a
+    non-zero or message ``SystemExit``, an exception)."""
+    if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
 # ----------------------------------------------------------------------------- sink
 class MLflowSink(Sink):
     """Write per-label statistics to MLflow as batched metrics and band figures as step-indexed images.
@@ -110,14 +120,20 @@ class MLflowSink(Sink):
     ``tables/<name>_<mode>_step<step>.csv``. Figures go to ``log_image`` with key
     ``<name>/<mode>/figure`` (the Image grid shows them with a step slider).
 
+    The run's tag ``labeltrack.names`` lists the tracked names it holds (``"loss_by_y,acc_by_y"``,
+    in the order they were first logged; updated in the request of a new name's first metrics), so a
+    run shared by several trackers says what is in it.
+
     When two labels share a display name, the later one is keyed as ``<display name> (<label>)``
     (see :meth:`Sink.label_texts`). Steps must be non-negative ints.
 
     The run: an explicit ``run_id`` is used as is; otherwise the active fluent run
     (``mlflow.active_run()``) is joined, unless ``tracking_uri`` names another server than the one it
     lives on; otherwise a run is created in ``experiment`` (created if missing). Only a run the sink
-    created is ended by :meth:`close`: ``FINISHED``, or ``FAILED`` when the sink is used as a context
-    manager and the block raises. A copy made by pickling shares the run but never ends it.
+    created is ended by :meth:`close`, with ``close(status=...)`` or, used as a context manager, with
+    the status of how the block ended (:func:`exit_status`: ``FINISHED`` for a clean exit including
+    ``sys.exit(0)``, ``KILLED`` for Ctrl-C, ``FAILED`` for an exception or a non-zero exit); plain
+    ``close()`` ends it ``FINISHED``. A copy made by pickling shares the run but never ends it.
 
     Delivery (``delivery``):
 
@@ -195,7 +211,7 @@ class MLflowSink(Sink):
         self._seq = 0
         self._last_ms = 0
         self._keys: dict[tuple[str, str, str], tuple[str, ...]] = {}  # (name, mode, label text) -> keys (a cache)
-        self.end_status = "FINISHED"
+        self._names: list[str] = []  # tracked names logged so far, in order (the run tag NAMES_TAG)
 
         loaded = sys.modules.get("mlflow")  # imported by the user: a fluent run or URI may be set
         active = loaded.active_run() if loaded is not None and run_id is None and delivery != "process" else None
@@ -248,6 +264,7 @@ class MLflowSink(Sink):
         self._ensure_process()
 
     def _init_runtime(self) -> None:
+        self._pid = os.getpid()  # the process that owns self.spool and self._process
         self._process: Channel | None = None
         self._journaled = -1  # seq of the last batch written to the spool
         self._client: "MlflowClient | None" = None
@@ -257,6 +274,29 @@ class MLflowSink(Sink):
         self._broken: str | None = None
         self._outage = False
         self.spool = self._new_spool()
+
+    def _check_fork(self) -> None:
+        """In a process forked after the sink was built (a ``multiprocessing`` fork worker): never
+        touch the parent's spool file, cursor or delivery process. The child gets its own spool and
+        delivery (it joins the parent's run: its id, or its tag if it is not created yet; the child
+        never ends it), so the parent loses nothing and the child's values arrive too."""
+        if self._pid == os.getpid():
+            return
+        parent = self.spool
+        run_id = self._run_id
+        deadline = time.monotonic() + self.timeout
+        while run_id is None and self.delivery == "process":  # the parent's child writes it to the cursor
+            try:
+                run_id = parent.state().get("run_id")
+            except (OSError, ValueError):
+                pass
+            if run_id is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)  # poll the parent's cursor, bounded by timeout
+        self._init_runtime()
+        self._run_id, self.owns_run = run_id, False
+        logger.info("MLflowSink used in a forked process (pid %d): it logs through its own spool %s into run %s",
+                    self._pid, self.spool.path, run_id or "(found by its tag)")
 
     def _new_spool(self) -> Spool:
         return Spool(self.spool_dir / f"mlflow-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl")
@@ -279,6 +319,7 @@ class MLflowSink(Sink):
 
         With process delivery the delivery process creates the run: reading this waits, up to
         ``timeout`` seconds, until it has reported the id."""
+        self._check_fork()
         if self._run_id is None and self._process is not None:
             with self._lock:
                 self._process.wait_for(lambda: self._run_id is not None, self.timeout)
@@ -356,6 +397,9 @@ class MLflowSink(Sink):
             rows.append([mlflow_key(name, mode, SUMMARY, stat), value if math.isfinite(value) else math.nan, ts, step])
         ops = [self._op("metrics", step=step, metrics=rows[i:i + MAX_METRICS_PER_REQUEST])
                for i in range(0, len(rows), MAX_METRICS_PER_REQUEST)]
+        if name not in self._names:  # a new tracked name: the run says what it holds (same request)
+            self._names.append(name)
+            ops[0]["tags"] = {NAMES_TAG: ",".join(self._names)}
         if view.over_budget:
             tidy = tidy_rows(table, step=step, name=name, mode=mode, label_names=self.label_names)  # every label
             ops.append(self._op("text", step=step, path=f"tables/{table_file(name, mode, step)}",
@@ -501,6 +545,7 @@ class MLflowSink(Sink):
             self._backlog = []
 
     def _submit(self, ops: list[dict[str, Any]], deadline: float | None = None, force: bool = False) -> None:
+        self._check_fork()
         with self._lock:
             if self._run_id is None and not self._backlog and self._process is None:
                 # a pickled copy whose run was not created yet: find it by its tag (or create it)
@@ -555,6 +600,7 @@ class MLflowSink(Sink):
         """Inline delivery: replay spooled batches now (within ``timeout``) if there are any.
         Process delivery: hand the delivery process what was logged (it is already in the spool
         file) and log its reports; does not wait for the server."""
+        self._check_fork()
         with self._lock:
             if self.delivery == "process":
                 if self._process is not None and self._ensure_process():
@@ -563,16 +609,20 @@ class MLflowSink(Sink):
             self._drain(time.monotonic() + self.timeout, force=True)
 
     def _close(self) -> None:
+        self._check_fork()
         if self.delivery == "process":
             self._close_process()
             return
         with self._lock:
             deadline = time.monotonic() + self.close_timeout
             if self.owns_run:
-                self._submit([self._op("end_run", status=self.end_status)], deadline, force=True)
+                self._submit([self._op("end_run", status=self._final_status())], deadline, force=True)
             else:
                 self._drain(deadline, force=True)
             self._warn_backlog()
+
+    def _final_status(self) -> str:
+        return getattr(self, "end_status", None) or "FINISHED"
 
     def _warn_backlog(self) -> None:
         if self._backlog:
@@ -584,7 +634,7 @@ class MLflowSink(Sink):
     def _close_process(self) -> None:
         with self._lock:
             if self.owns_run:
-                self._journal([self._op("end_run", status=self.end_status)])
+                self._journal([self._op("end_run", status=self._final_status())])
             if self._process is None and not self.spool.exists():
                 return  # a copy that never logged anything
             if not self._ensure_process():  # switched to inline: the backlog ends with the end of run
@@ -600,10 +650,8 @@ class MLflowSink(Sink):
             except OSError:
                 pass
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is not None:
-            self.end_status = "FAILED"
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.close(status=exit_status(exc))
 
     # ------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
