@@ -359,6 +359,7 @@ def test_a_forked_worker_logging_through_the_parents_sink_loses_nothing(mlflow_s
     rest = Rest(mlflow_server.url)
     sink = MLflowSink(mlflow_server.url, experiment="fork", timeout=TIMEOUT, retry_interval=0.1)
     sink.log_stats(table(1, 3), step=1, name="ce", mode="train")
+    wait_until(lambda: sink.run_id is not None, 60, "the run")  # a fresh delivery process may take a while
     run_id = sink.run_id
     worker = multiprocessing.get_context("fork").Process(target=_log_in_a_fork_worker, args=(sink, [10, 11, 12]))
     worker.start()
