@@ -377,3 +377,24 @@ def test_a_forked_worker_logging_through_the_parents_sink_loses_nothing(mlflow_s
     assert rest.history(run_id, "worker/train/2/mean") == [(s, 50.0 + 2 + s / 8) for s in (10, 11, 12)]
     assert rest.run(run_id)["info"]["status"] == "FINISHED"  # the worker, which does not own the run, never ends it
     wait_until(lambda: not sink.spool_dir.exists() or not any(sink.spool_dir.iterdir()), 60, "the worker's spool")
+
+
+@pytest.mark.timeout(240)
+def test_close_with_a_large_backlog_returns_within_close_timeout_and_says_how_to_replay(mlflow_server, caplog):
+    rest = Rest(mlflow_server.url)
+    sink = MLflowSink(mlflow_server.url, experiment="backlog", timeout=TIMEOUT, close_timeout=1.0, label_budget=2000)
+    steps = list(range(8))
+    for step in steps:  # 8 steps x 2000 labels: ~80 requests, far more than one second of delivery
+        sink.log_stats(table(step, 2000), step=step, name="ce", mode="train")
+    took = timed(sink.close)
+    spool = sink.spool.path
+    assert took < 1.0 + BOUND  # close_timeout plus slack, whatever the backlog
+    warning = messages(caplog)
+    assert f"labeltrack-log replay {spool}" in warning
+    left = int(warning.split("MLflowSink: ")[1].split(" batch(es)")[0])
+    assert 0 < left <= len(spool.read_text().splitlines())  # how many wait, counted
+    assert replay_spool(spool) == left
+    wait_until(lambda: sink.run_id is not None, 10, "the run id")
+    for key in ("ce/train/0/mean", "ce/train/1999/max"):
+        assert [s for s, _ in rest.history(sink.run_id, key)] == steps, key  # every step once
+    assert rest.run(sink.run_id)["info"]["status"] == "FINISHED"
