@@ -372,8 +372,8 @@ class _Follower:
                 self.uri = self.uri or op["tracking_uri"]
                 if op["kind"] == "create_run":
                     self.owned = bool(op.get("owned", True))
-                if op["seq"] > self.delivered:
-                    self.pending.append(op)
+                if op["seq"] > max(self.delivered, self.pending[-1]["seq"] if self.pending else -1):
+                    self.pending.append(op)  # (a line written again after a full disk cut it short: once)
 
     # ----------------------------------------------------------------- delivery
     def step(self) -> bool:

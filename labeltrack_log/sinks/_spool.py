@@ -122,10 +122,18 @@ class Spool:
             if not line.strip():
                 continue
             try:
-                ops.append(json.loads(line))
+                op = json.loads(line)
             except json.JSONDecodeError:  # a write cut short by a crash or a full disk
                 logger.warning("%s: line %d: ignoring an incomplete line (%d characters: %r...)", self.path, i + 1,
                                len(line), line[:80])
+                continue
+            if not isinstance(op, dict) or not isinstance(op.get("seq"), int) or "kind" not in op:
+                logger.warning("%s: line %d: ignoring a line that is not a spooled batch (%r...)", self.path, i + 1,
+                               line[:80])
+                continue
+            if ops and op["seq"] <= ops[-1]["seq"]:
+                continue  # written again after a full disk cut the first copy's write short: once is enough
+            ops.append(op)
         return ops
 
     def state(self) -> dict[str, Any]:
@@ -474,8 +482,13 @@ def _replay(spool: Spool, tracking_uri: str | None) -> int:
                 if op["kind"] == "create_run":
                     run_id = find_or_create_run(client, op, search=True)
                     sent += 1
+                elif not (run_id or op.get("run_id")):
+                    raise ConfigError(f"replay: {path} holds batches for a run it never created (no run id and no "
+                                      f"create_run line before batch {op['seq']}); not a complete MLflowSink spool")
                 else:
                     sent += deliver(client, op, run_id or op["run_id"], check=True)
+        except ConfigError:
+            raise
         except Exception as err:
             left = len(ops) - i
             if is_transient(err):

@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 MAX_METRICS_PER_REQUEST = 1000
 MAX_RESTARTS = 3  # of a delivery process that exited unexpectedly
-ROTATE_BYTES = 16 << 20  # process delivery: a delivered spool file past this size is replaced by a new one
+ROTATE_BYTES = 256 << 10  # process delivery: a delivered spool file past this size is replaced by a new one
 DELIVERIES = ("auto", "process", "inline")
 _STAT_KEYS = STATS + ("nonfinite",)
 NAMES_TAG = "labeltrack.names"  # run tag: the tracked names in the run, comma-separated, in first-logged order
@@ -107,6 +107,24 @@ def exit_status(exc: BaseException | None) -> str:
     if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
         return "FINISHED"
     return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+def check_spool_dir(path: Path) -> None:
+    """Inline delivery creates its spool directory only when a server fails; prove now that it can
+    (create it and a file in it, then remove what was created), so an unusable ``spool_dir``
+    (read-only, under a regular file) is a ConfigError when the sink is built, not a lost outage."""
+    created, p = [], path
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        ensure_writable_dir(path, "spool_dir")
+    finally:
+        for d in created:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 # ----------------------------------------------------------------------------- sink
@@ -234,6 +252,7 @@ class MLflowSink(Sink):
                         mlflow.get_tracking_uri(), self.tracking_uri)
             active = None
         check_uri(self.tracking_uri)
+        check_spool_dir(self.spool_dir)
 
         self._init_runtime()
         self._run_id: str | None = run_id
@@ -260,13 +279,23 @@ class MLflowSink(Sink):
         self._init_runtime()
         self._run_id = None
         self.owns_run = True
-        self._journal([self._op("create_run", run_name=run_name, owned=True)])
+        if not self._journal([self._op("create_run", run_name=run_name, owned=True)]):
+            self._unwritten = []
+            err = self._disk_error
+            try:
+                self.spool.remove()
+            except OSError:
+                pass
+            raise ConfigError(f"spool_dir: expected a directory with room for the spool, got {str(self.spool_dir)!r} "
+                              f"(writing {self.spool.path} failed: {err}); free space there or pass another spool_dir")
         self._ensure_process()
 
     def _init_runtime(self) -> None:
         self._pid = os.getpid()  # the process that owns self.spool and self._process
         self._process: Channel | None = None
         self._journaled = -1  # seq of the last batch written to the spool
+        self._unwritten: list[dict[str, Any]] = []  # spool lines the disk did not take (yet), in order
+        self._disk_error: str | None = None  # why the disk last refused them (reported once)
         self._client: "MlflowClient | None" = None
         self._lock = threading.RLock()
         self._backlog: list[dict[str, Any]] = []
@@ -447,20 +476,22 @@ class MLflowSink(Sink):
                 return False
             self._backlog.pop(0)
             done += 1
+            if not self.spool.exists():
+                continue  # delivered from memory: the disk never held it
             try:
                 self.spool.advance(op["seq"], self._run_id)
             except OSError as err:  # harmless: a replay looks each batch up before sending it
                 logger.warning("could not update the spool cursor %s: %s", self.spool.cursor_path, err)
         logger.info("MLflow server at %s answers again: delivered %d spooled batch(es)", self.tracking_uri, done)
         self._outage = False
+        self._unwritten = []  # delivered from memory
         try:
             self.spool.remove()
         except OSError as err:
             logger.warning("could not remove the delivered spool %s: %s", self.spool.path, err)
         return True
 
-    def _journal(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Append ``ops`` to the spool as JSON lines; returns the lines ([] when the disk failed)."""
+    def _lines(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lines = []
         for op in ops:
             line = {k: v for k, v in op.items() if not k.startswith("_")}
@@ -470,17 +501,41 @@ class MLflowSink(Sink):
             if op["kind"] == "metrics":
                 line["metrics"] = [[k, None if v != v else v, ts, s] for k, v, ts, s in op["metrics"]]
             lines.append(line)
-        try:
-            self.spool.append(lines)
-        except Exception as err:  # the disk is the last resort: say loudly what is lost
-            logger.error("could not write %d MLflow batch(es) to the spool %s (%s): they are lost", len(ops),
-                         self.spool.path, err)
-            return []
-        self._journaled = lines[-1]["seq"] if lines else self._journaled
         return lines
 
+    def _journal(self, ops: list[dict[str, Any]]) -> bool:
+        """Append ``ops`` to the spool as JSON lines (see :meth:`_write`)."""
+        return self._write(self._lines(ops))
+
+    def _write(self, new: list[dict[str, Any]]) -> bool:
+        """Append spool lines, after any earlier lines the disk did not take; False when the disk
+        failed: then they are kept in memory, in order, and written later, or delivered from memory
+        at close. A full disk is reported once, as an error naming the spool."""
+        lines = self._unwritten + new
+        try:
+            self.spool.append(lines)
+        except Exception as err:
+            first = self._disk_error is None
+            self._disk_error = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
+            self._unwritten = lines
+            if first:
+                logger.error("could not write to the MLflow spool %s (%s): the batches it cannot take (%d so far) are "
+                             "kept in memory, written as soon as it has room and otherwise delivered from memory "
+                             "at close; free space on %s", self.spool.path, self._disk_error, len(lines),
+                             self.spool.path.parent)
+            return False
+        if self._unwritten:
+            logger.warning("the MLflow spool %s takes batches again: wrote the %d batch(es) kept in memory",
+                           self.spool.path, len(self._unwritten))
+            self._unwritten = []
+        self._journaled = lines[-1]["seq"] if lines else self._journaled
+        return True
+
     def _to_spool(self, ops: list[dict[str, Any]]) -> None:
-        self._backlog.extend(self._journal(ops))
+        """Inline delivery: keep ``ops`` as the backlog (in memory) and in the spool (on disk)."""
+        lines = self._lines(ops)
+        self._write(lines)
+        self._backlog.extend(lines)
 
     # ---------------------------------------------------------- process delivery
     def _on_report(self, report: dict[str, Any]) -> None:
@@ -538,7 +593,7 @@ class MLflowSink(Sink):
         self._retry_at = 0.0
         try:
             self._run_id = self._run_id or self.spool.state().get("run_id")
-            self._backlog = self.spool.pending() if self.spool.exists() else []
+            self._backlog = (self.spool.pending() if self.spool.exists() else []) + self._unwritten
         except (OSError, ValueError) as err:
             logger.error("could not read the spool %s (%s): run labeltrack-log replay %s", self.spool.path, err,
                          self.spool.path)
@@ -641,14 +696,32 @@ class MLflowSink(Sink):
                 self._drain(time.monotonic() + self.close_timeout, force=True)
                 self._warn_backlog()
                 return
+            deadline = time.monotonic() + self.close_timeout
             if not self._process.finish():
                 logger.warning("MLflowSink: the delivery process did not finish within close_timeout=%ss; what it "
                                "did not deliver is kept in %s: labeltrack-log replay %s",
                                self.close_timeout, self.spool.path, self.spool.path)
+            if self._unwritten:
+                self._deliver_unwritten(deadline)
             try:
                 self.spool_dir.rmdir()  # only when empty: nothing was left behind
             except OSError:
                 pass
+
+    def _deliver_unwritten(self, deadline: float) -> None:
+        """At close, process delivery: the batches the full disk never took are delivered from
+        memory, from this process (once the child delivered everything before them)."""
+        done = self._process.done or {}
+        lost = len(self._unwritten)
+        if done.get("left") == 0:
+            self._run_id = self._run_id or done.get("run_id")
+            self.delivery, self._process = "inline", None
+            self._backlog, self._unwritten = self._unwritten, []
+            self._drain(deadline, force=True)
+            lost = len(self._backlog)
+        if lost:
+            logger.error("MLflowSink: %d batch(es) for run %s could not be written to the spool %s (%s) nor "
+                         "delivered: they are lost", lost, self._run_id, self.spool.path, self._disk_error)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.close(status=exit_status(exc))
