@@ -157,8 +157,10 @@ class MLflowSink(Sink):
 
     * ``"process"`` (what ``"auto"`` picks for a run the sink creates, on POSIX): the training
       process never imports mlflow. Calls append to the spool file (replaced by a new one once it
-      is past ``ROTATE_BYTES`` and fully delivered) and return; a child process
-      (started with the sink) delivers in order, retrying a server that is down. :meth:`flush` does
+      is past ``ROTATE_BYTES`` and fully delivered) and return; the process's one delivery child
+      (started by the first sink that needs it, shared by every MLflowSink of the process, see
+      :mod:`._delivery`) delivers in order, retrying a server that is down. A process forked after
+      the sink was built logs through its own spool and delivery child into the same run. :meth:`flush` does
       not wait for the server; :meth:`close` waits until everything is delivered (at most
       ``close_timeout``, then what is left stays in the spool for ``labeltrack-log replay``) and
       :attr:`run_id` waits (at most ``timeout``) for the run to be created. Problems the child meets
