@@ -141,11 +141,14 @@ class DeliveryProcess:
 
     # ------------------------------------------------------------------ channels
     def attach(self, spool: Spool, *, timeout: float, retry_interval: float, close_timeout: float,
-               on_report: Callable[[dict[str, Any]], None], run_id: str | None = None) -> "Channel":
-        """A new channel for ``spool``, served by the running child (start it first)."""
+               on_report: Callable[[dict[str, Any]], None], run_id: str | None = None,
+               lock_fd: int | None = None) -> "Channel":
+        """A new channel for ``spool``, served by the running child (start it first). ``lock_fd``:
+        the spool's lock, held here until the child reports that it is ready to take it over."""
         with self._lock:
             channel = Channel(self, next(self._ids), spool, timeout=timeout, retry_interval=retry_interval,
                               close_timeout=close_timeout, on_report=on_report, run_id=run_id)
+            channel.lock_fd = lock_fd
             self.channels[channel.id] = channel
             self._open(channel)
             return channel
@@ -157,6 +160,7 @@ class DeliveryProcess:
 
     def detach(self, channel: "Channel") -> None:
         with self._lock:
+            channel.release()
             if self.channels.pop(channel.id, None) is not None and channel.done is None:
                 self.send({"op": "drop", "id": channel.id})
 
@@ -204,6 +208,10 @@ class DeliveryProcess:
                         if "msg" in report:
                             logger.log(int(report.get("level", logging.WARNING)), "%s", report["msg"])
                         continue
+                    if report.get("opened") or report.get("done"):
+                        channel.release()  # the child takes the spool's lock over now
+                    if report.get("opened"):
+                        continue
                     if report.get("done"):
                         channel.done = report
                         self.channels.pop(channel.id, None)
@@ -245,6 +253,15 @@ class Channel:
         self.timeout, self.retry_interval, self.close_timeout = timeout, retry_interval, close_timeout
         self.on_report, self.run_id = on_report, run_id
         self.done: dict[str, Any] | None = None  # the child's final report
+        self.lock_fd: int | None = None  # the spool's lock, until the child has opened the spool
+
+    def release(self) -> None:
+        if self.lock_fd is not None:
+            try:
+                os.close(self.lock_fd)
+            except OSError:
+                pass
+            self.lock_fd = None
 
     @property
     def proc(self) -> subprocess.Popen | None:
@@ -295,6 +312,9 @@ def _forget_parent_process() -> None:
     still sees end of file when the parent ends); the child starts its own when a sink needs one."""
     old = DeliveryProcess._shared
     DeliveryProcess._shared_lock = threading.Lock()  # it may have been held by another thread at the fork
+    if old is not None and old.pid != os.getpid():
+        for channel in old.channels.values():
+            channel.release()  # an inherited lock would keep the parent's delivery process from its spool
     if old is not None and old.proc is not None and old.pid != os.getpid():
         for pipe in (old.proc.stdin, old.proc.stdout):
             try:
@@ -316,7 +336,8 @@ class _Follower:
         self.server, self.id = server, id
         self.spool, self.timeout, self.close_timeout = spool, timeout, close_timeout
         self.retry_interval = max(retry_interval, MIN_RETRY)
-        self.lock_fd = self._lock(spool)
+        self.lock_fd: int | None = None
+        self.lock_warned = False
         state = spool.state()
         self.run_id: str | None = state.get("run_id") or run_id
         self.delivered = state["delivered_seq"]
@@ -331,12 +352,28 @@ class _Follower:
         self.ending: str | None = None  # "close" or "gone"
         self.deadline = math.inf
 
-    def _lock(self, spool: Spool) -> int | None:
+    def take_lock(self) -> bool:
+        """Take the spool's lock (held until this spool is finished, or this process exits); False
+        while someone else holds it (the parent, until it has seen our ``opened``; or a replay)."""
+        if self.lock_fd is not None:
+            return True
         try:
-            return spool.lock()  # held until this spool is finished (or this process exits)
+            self.lock_fd = self.spool.lock()
+        except BlockingIOError:
+            return False
         except OSError as err:
-            self.say(logging.WARNING, f"could not take the delivery lock {spool.lock_path} ({err}); delivering anyway")
-            return None
+            if not self.lock_warned:
+                self.lock_warned = True
+                self.say(logging.WARNING, f"could not take the delivery lock {self.spool.lock_path} ({err}); "
+                                          "delivering anyway")
+            return True
+        state = self.spool.state()  # a replay may have delivered some meanwhile
+        if state["delivered_seq"] > self.delivered:
+            self.delivered, self.check = state["delivered_seq"], True
+            self.run_id = self.run_id or state.get("run_id")
+            while self.pending and self.pending[0]["seq"] <= self.delivered:
+                self.pending.popleft()
+        return True
 
     def _unlock(self) -> None:
         if self.lock_fd is not None:
@@ -379,7 +416,7 @@ class _Follower:
     def step(self) -> bool:
         """Deliver for at most ``SLICE`` seconds; True when there is more to do right away."""
         now = time.monotonic()
-        if self.broken or now < self.retry_at:
+        if self.broken or now < self.retry_at or not self.take_lock():
             return False
         self.read_new()
         idle = self.deliver_pending(min(self.deadline, now + SLICE), self.deadline)
@@ -390,8 +427,14 @@ class _Follower:
 
     def finished(self) -> bool:
         """Whether a closing spool is done: delivered, broken or out of time."""
-        return bool(self.ending) and (self.broken is not None or time.monotonic() >= self.deadline
-                                      or (not self.pending and not self.next_paths))
+        if not self.ending:
+            return False
+        if self.broken is not None or time.monotonic() >= self.deadline:
+            return True
+        if self.lock_fd is None and not self.lock_warned:
+            return False  # not even started: the parent is handing the lock over
+        self.read_new()
+        return not self.pending and not self.next_paths
 
     def deliver_pending(self, until: float, deadline: float) -> bool:
         """Deliver queued batches in order until ``until``; each request may last until ``deadline``
@@ -451,7 +494,7 @@ class _Follower:
         self.spool.remove()
         self._unlock()
         self.spool, self.offset = Spool(path), 0
-        self.lock_fd = self._lock(self.spool)
+        self.take_lock()
         self.read_new()
 
     def finish(self) -> None:
@@ -521,6 +564,7 @@ class _Server:
         if op == "open":
             self.followers[m["id"]] = _Follower(self, m["id"], Spool(m["spool"]), m["timeout"], m["retry_interval"],
                                                 m["close_timeout"], m.get("run_id"))
+            self.report(id=m["id"], opened=True)  # the parent lets go of the spool's lock: we take it
         elif op == "next" and follower is not None:
             follower.next_paths.append(m["spool"])
         elif op == "close" and follower is not None:
@@ -546,6 +590,8 @@ class _Server:
                     wait = min(math.inf if wait is None else wait, max(0.0, follower.retry_at - now))
                 if follower.ending:
                     wait = min(math.inf if wait is None else wait, max(0.0, follower.deadline - now))
+                if follower.lock_fd is None and not follower.lock_warned:
+                    wait = min(math.inf if wait is None else wait, 0.02)  # the parent lets go of the lock soon
             try:
                 message = inbox.get(timeout=wait) if wait != 0.0 else inbox.get_nowait()
             except queue.Empty:

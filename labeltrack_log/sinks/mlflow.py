@@ -43,14 +43,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Hashable, Mapping
 
 import numpy as np
 
 from ..errors import ConfigError, missing_extra
 from ..grouping import StatsTable
-from ..naming import STATS, SUMMARY, image_key, mlflow_key, table_file
-from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
+from ..naming import STATS, SUMMARY, image_key, mlflow_key, mlflow_key_of_part, table_file
+from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir, exit_status
 from ._delivery import SUPPORTED as PROCESS_SUPPORTED
 from ._delivery import Channel, DeliveryProcess
 from ._spool import (Spool, check_uri, deliver, find_or_create_run, get_existing, http_limits, import_mlflow, is_http,
@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
-__all__ = ["MLflowSink", "exit_status", "replay_spool"]
+__all__ = ["MLflowSink", "replay_spool"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +98,6 @@ def _positive(value: Any, what: str, allow_zero: bool = False) -> float:
         kind = "non-negative" if allow_zero else "positive"
         raise ConfigError(f"{what}: expected a {kind} number of seconds, got {value!r}")
     return float(value)
-
-
-def exit_status(exc: BaseException | None) -> str:
-    """The MLflow run status for a block that ended with ``exc``: FINISHED for none or a clean
-    ``sys.exit(0)``/``sys.exit()``, KILLED for KeyboardInterrupt, FAILED for anything else (a
-    non-zero or message ``SystemExit``, an exception)."""
-    if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
-        return "FINISHED"
-    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
 
 
 def check_spool_dir(path: Path) -> None:
@@ -404,10 +395,10 @@ class MLflowSink(Sink):
 
     def _label_keys(self, name: str, mode: str, labels: list[Any]) -> list[tuple[str, ...]]:
         out = []
-        for text in self.label_texts(labels, name):
+        for text in self.label_parts(labels, name, "mlflow"):  # distinct parts, never SUMMARY (issue 11.7/11.8)
             keys = self._keys.get((name, mode, text))
             if keys is None:
-                keys = self._keys[(name, mode, text)] = tuple(mlflow_key(name, mode, text, s) for s in _STAT_KEYS)
+                keys = self._keys[(name, mode, text)] = tuple(mlflow_key_of_part(name, mode, text, s) for s in _STAT_KEYS)
             out.append(keys)
         return out
 
@@ -574,15 +565,15 @@ class MLflowSink(Sink):
                     return False
             if channel is None or channel.id not in shared.channels:
                 try:
-                    os.close(self.spool.lock())  # a replay of this spool is running: deliver inline
+                    lock = self.spool.lock()  # handed over to the child once it has opened the spool
                 except BlockingIOError:
                     self._to_inline(f"the spool {self.spool.path} is being replayed by another process")
                     return False
-                except (OSError, TypeError):
-                    pass
+                except OSError:
+                    lock = None
                 channel = shared.attach(self.spool, timeout=self.timeout, retry_interval=self.retry_interval,
                                         close_timeout=self.close_timeout, on_report=self._on_report,
-                                        run_id=self._run_id)
+                                        run_id=self._run_id, lock_fd=lock)
         self._process = channel
         return True
 
@@ -725,8 +716,19 @@ class MLflowSink(Sink):
             logger.error("MLflowSink: %d batch(es) for run %s could not be written to the spool %s (%s) nor "
                          "delivered: they are lost", lost, self._run_id, self.spool.path, self._disk_error)
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self.close(status=exit_status(exc))
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(exit_status(exc_type, exc))  # sys.exit(0) FINISHED, Ctrl-C KILLED, else FAILED
+
+    # ---------------------------------------------------------------- sharing
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Hashable | None:
+        """Sinks share when they name the same tracking URI, experiment and run (see :class:`Sink`):
+        without ``run_id``/``run_name``, trackers of one process share one new run."""
+        experiment, experiment_id = options.get("experiment"), options.get("experiment_id")
+        if experiment is None and experiment_id is None:
+            experiment, experiment_id = os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+        uri = _resolve_uri(options.get("tracking_uri"), sys.modules.get("mlflow"))
+        return ("mlflow", uri.rstrip("/"), experiment, experiment_id, options.get("run_id"), options.get("run_name"))
 
     # ------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
