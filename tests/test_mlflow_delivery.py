@@ -23,7 +23,7 @@ if os.name != "posix":  # pragma: no cover
     pytest.skip("process delivery needs POSIX", allow_module_level=True)
 
 import servers  # noqa: E402
-from test_mlflow_outage import BOUND, TIMEOUT, FaultyProxy, Rest, assert_exactly_once, figure, png_steps, table, timed  # noqa: E402
+from test_mlflow_outage import BOUND, TIMEOUT, FaultyProxy, Rest, assert_exactly_once, expected_values, figure, png_steps, table, timed  # noqa: E402
 
 from labeltrack_log import ConfigError  # noqa: E402
 from labeltrack_log.sinks.mlflow import MLflowSink, replay_spool  # noqa: E402
@@ -260,7 +260,10 @@ def test_a_torn_spool_line_is_skipped_and_the_batches_around_it_arrive(mlflow_se
 
 def test_no_delivery_process_means_inline_delivery_not_lost_batches(mlflow_server, caplog, monkeypatch, tmp_path):
     rest = Rest(mlflow_server.url)
-    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))  # the child cannot be started
+    from labeltrack_log.sinks import _delivery
+
+    monkeypatch.setattr(_delivery.DeliveryProcess, "_shared", None)  # this process has no delivery process yet
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))  # and none can be started
     sink = MLflowSink(mlflow_server.url, experiment="no-child", timeout=TIMEOUT, delivery="process")
     assert sink.delivery == "inline"  # switched, with the run's creation as its backlog
     assert "could not start the MLflow delivery process" in messages(caplog, logging.ERROR)
@@ -291,3 +294,107 @@ def test_a_long_run_spool_is_rotated_once_delivered(mlflow_server, monkeypatch):
     assert not any(p.exists() for p in set(files)) and not sink.spool_dir.exists()
     assert_exactly_once(rest, run_id, list(range(12)), 8)
     assert rest.run(run_id)["info"]["status"] == "FINISHED"
+
+
+def test_one_delivery_process_serves_every_sink_of_the_process(mlflow_server, caplog):
+    rest = Rest(mlflow_server.url)
+    loss = MLflowSink(mlflow_server.url, experiment="shared-child", timeout=TIMEOUT, retry_interval=0.1)
+    acc = MLflowSink(mlflow_server.url, experiment="shared-child", timeout=TIMEOUT, retry_interval=0.1)
+    assert loss._process.proc is acc._process.proc and loss.spool.path != acc.spool.path
+    pid = loss._process.proc.pid
+    for step in range(3):
+        loss.log_stats(table(step, 5), step=step, name="ce", mode="train")
+        acc.log_stats(table(step, 4, offset=100.0), step=step, name="acc", mode="train")
+    loss.close()
+    assert acc._process.alive()  # closing one sink leaves the child serving the other
+    acc.log_stats(table(3, 4, offset=100.0), step=3, name="acc", mode="train")
+    acc.close()
+    later = MLflowSink(mlflow_server.url, experiment="shared-child", timeout=TIMEOUT)  # a second fit(): no new child
+    later.log_stats(table(0, 2), step=0, name="ce", mode="eval")
+    assert later._process.proc.pid == pid
+    later.close()
+    assert_exactly_once(rest, loss.run_id, [0, 1, 2], 5)
+    history = rest.history(acc.run_id, "acc/train/0/mean")
+    assert [s for s, _ in history] == [0, 1, 2, 3] and history[0][1] == pytest.approx(100.0)
+    assert {rest.run(r)["info"]["status"] for r in (loss.run_id, acc.run_id, later.run_id)} == {"FINISHED"}
+    assert len({loss.run_id, acc.run_id, later.run_id}) == 3
+
+
+TWO_KILLED = PRELUDE + """
+sinks = [MLflowSink(sys.argv[1], experiment=sys.argv[2], close_timeout=30) for _ in range(2)]
+assert sinks[0]._process.proc is sinks[1]._process.proc
+for step in range(3):
+    for sink in sinks:
+        sink.log_stats(table(step, 5), step=step, name="ce", mode="train")
+print(json.dumps({"spools": [str(s.spool.path) for s in sinks]}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_training_process_with_two_sinks_gets_both_runs_delivered_and_killed(mlflow_server, tmp_path):
+    from labeltrack_log.sinks._spool import Spool
+
+    experiment = f"two-killed-{time.time_ns()}"
+    out = subprocess.run([sys.executable, "-c", TWO_KILLED, mlflow_server.url, experiment], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    spools = [Spool(p) for p in json.loads(out.stdout.splitlines()[-1])["spools"]]
+    wait_until(lambda: not any(s.exists() or s.busy() for s in spools), 90, "the orphaned delivery process")
+    rest = Rest(mlflow_server.url)
+    runs = rest.runs_in(experiment)
+    assert len(runs) == 2 and {r["info"]["status"] for r in runs} == {"KILLED"}
+    for run in runs:
+        assert_exactly_once(rest, run["info"]["run_id"], [0, 1, 2], 5)
+
+
+def _log_in_a_fork_worker(sink, steps):  # runs in a multiprocessing fork worker, with the parent's sink
+    for step in steps:
+        sink.log_stats(table(step, 3, offset=50.0), step=step, name="worker", mode="train")
+
+
+@pytest.mark.timeout(180)
+def test_a_forked_worker_logging_through_the_parents_sink_loses_nothing(mlflow_server, caplog):
+    import multiprocessing
+
+    rest = Rest(mlflow_server.url)
+    sink = MLflowSink(mlflow_server.url, experiment="fork", timeout=TIMEOUT, retry_interval=0.1)
+    sink.log_stats(table(1, 3), step=1, name="ce", mode="train")
+    wait_until(lambda: sink.run_id is not None, 60, "the run")  # a fresh delivery process may take a while
+    run_id = sink.run_id
+    worker = multiprocessing.get_context("fork").Process(target=_log_in_a_fork_worker, args=(sink, [10, 11, 12]))
+    worker.start()
+    sink.log_stats(table(2, 3), step=2, name="ce", mode="train")  # while the worker logs
+    worker.join(60)
+    assert worker.exitcode == 0
+    for step in (3, 4):
+        sink.log_stats(table(step, 3), step=step, name="ce", mode="train")
+    sink.close()
+    assert sink.delivery == "process"  # the parent never decided its delivery process had died
+    assert "exited unexpectedly" not in messages(caplog, logging.ERROR)
+    for key, values in expected_values([1, 2, 3, 4], 3).items():
+        assert rest.history(run_id, key) == values, key  # the parent lost nothing
+    wait_until(lambda: len(rest.history(run_id, "worker/train/2/mean")) == 3, 60, "the worker's values")
+    assert rest.history(run_id, "worker/train/2/mean") == [(s, 50.0 + 2 + s / 8) for s in (10, 11, 12)]
+    assert rest.run(run_id)["info"]["status"] == "FINISHED"  # the worker, which does not own the run, never ends it
+    wait_until(lambda: not sink.spool_dir.exists() or not any(sink.spool_dir.iterdir()), 60, "the worker's spool")
+
+
+@pytest.mark.timeout(240)
+def test_close_with_a_large_backlog_returns_within_close_timeout_and_says_how_to_replay(mlflow_server, caplog):
+    rest = Rest(mlflow_server.url)
+    sink = MLflowSink(mlflow_server.url, experiment="backlog", timeout=TIMEOUT, close_timeout=1.0, label_budget=2000)
+    steps = list(range(8))
+    for step in steps:  # 8 steps x 2000 labels: ~80 requests, far more than one second of delivery
+        sink.log_stats(table(step, 2000), step=step, name="ce", mode="train")
+    took = timed(sink.close)
+    spool = sink.spool.path
+    assert took < 1.0 + BOUND  # close_timeout plus slack, whatever the backlog
+    warning = messages(caplog)
+    assert f"labeltrack-log replay {spool}" in warning
+    left = int(warning.split("MLflowSink: ")[1].split(" batch(es)")[0])
+    assert 0 < left <= len(spool.read_text().splitlines())  # how many wait, counted
+    assert replay_spool(spool) == left
+    wait_until(lambda: sink.run_id is not None, 10, "the run id")
+    for key in ("ce/train/0/mean", "ce/train/1999/max"):
+        assert [s for s, _ in rest.history(sink.run_id, key)] == steps, key  # every step once
+    assert rest.run(sink.run_id)["info"]["status"] == "FINISHED"

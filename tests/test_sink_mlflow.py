@@ -361,3 +361,47 @@ def test_explicit_ids_are_checked_at_construction_on_sqlite(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "987654")  # an id from the environment is checked too
     with pytest.raises(ConfigError, match="experiment_id: expected the id of an existing experiment, got '987654'"):
         MLflowSink(uri)
+
+
+@pytest.mark.parametrize("delivery", ["process", "inline"])
+@pytest.mark.parametrize("raised, status", [(SystemExit(0), "FINISHED"), (SystemExit(None), "FINISHED"),
+                                            (SystemExit(3), "FAILED"), (SystemExit("bad config"), "FAILED"),
+                                            (KeyboardInterrupt(), "KILLED"), (ValueError("x"), "FAILED")],
+                         ids=["exit0", "exitNone", "exit3", "exit-message", "ctrl-c", "exception"])
+def test_the_run_status_tells_how_the_block_ended(mlflow_server, delivery, raised, status):
+    url = mlflow_server.url
+    with pytest.raises(type(raised)):
+        with MLflowSink(url, experiment="status", delivery=delivery) as sink:
+            sink.log_stats(StatsTable(np.array([0]), np.array([1]), np.array([1.0]), np.array([0.0]), np.array([1.0]),
+                                      np.array([1.0]), np.array([0])), step=0, name="ce", mode="train")
+            raise raised
+    assert get_run(url, sink.run_id)["info"]["status"] == status
+
+
+def test_close_with_a_status_ends_the_run_with_it(mlflow_server):
+    sink = MLflowSink(mlflow_server.url, experiment="status")
+    sink.close(status="KILLED")
+    assert sink.end_status == "KILLED"
+    assert get_run(mlflow_server.url, sink.run_id)["info"]["status"] == "KILLED"
+    with pytest.raises(ConfigError, match=r"status: expected one of .*'KILLED'.*, got 'DONE'"):
+        MLflowSink(mlflow_server.url, experiment="status").close(status="DONE")
+
+
+@pytest.mark.parametrize("delivery", ["process", "inline"])
+def test_the_run_tags_name_every_tracked_name_it_holds(mlflow_server, delivery):
+    url = mlflow_server.url
+    g = GroupedStats()
+    g.update([0, 1], [1.0, 2.0])
+    with MLflowSink(url, experiment="names", run_name="one-training", delivery=delivery) as sink:
+        sink.log_stats(g.compute(), step=0, name="loss_by_y", mode="train")
+        sink.flush()
+        if delivery == "inline":
+            tags = {t["key"]: t["value"] for t in get_run(url, sink.run_id)["data"]["tags"]}
+            assert tags["labeltrack.names"] == "loss_by_y"
+        sink.log_stats(g.compute(), step=0, name="acc_by_y", mode="eval")
+        sink.log_stats(g.compute(), step=1, name="loss_by_y", mode="train")
+    run = get_run(url, sink.run_id)
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["labeltrack.names"] == "loss_by_y,acc_by_y"
+    assert run["info"]["run_name"] == "one-training"
+    assert history(url, sink.run_id, "acc_by_y/eval/1/mean") == [(0, 2.0)]

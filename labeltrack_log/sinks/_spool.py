@@ -17,7 +17,8 @@ Exactly once: a replayed batch is looked up before it is sent (:func:`deliver` w
 metrics batch is skipped if the history of its first key already holds its step and millisecond
 timestamp (unique per batch), an image if ``images/`` holds its file, a run creation reuses the run
 tagged with its ``sink_run``. So a batch that was stored but whose answer was lost is not sent again.
-Residual risk: an image whose PNG was stored but not its ``.webp`` thumbnail is sent again (a second
+A metrics batch may carry run ``tags`` (``{"labeltrack.names": "ce,acc"}`` when a tracked name first
+appears), sent in the same ``log_batch`` request; setting a tag again is harmless. Residual risk: an image whose PNG was stored but not its ``.webp`` thumbnail is sent again (a second
 image at that step). Values are strict JSON: NaN is written as ``null``.
 """
 
@@ -31,6 +32,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,10 +52,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Spool", "deliver", "replay_spool", "check_uri", "is_transient", "http_limits", "get_existing"]
+__all__ = ["Spool", "deliver", "replay_spool", "check_uri", "is_transient", "http_limits", "get_existing", "open_client"]
 
 RUN_TAG = "labeltrack.sink_run"
 REPLAY_TIMEOUT = 30.0
+STORE_LOCK_TIMEOUT = 300.0  # longest wait for another process creating or migrating a sqlite store
+_MIGRATION_RACE = ("duplicate column name", "online migration expected", "table alembic_version already exists")
 _ENV_LOCK = threading.Lock()
 T = TypeVar("T")
 
@@ -118,10 +122,18 @@ class Spool:
             if not line.strip():
                 continue
             try:
-                ops.append(json.loads(line))
+                op = json.loads(line)
             except json.JSONDecodeError:  # a write cut short by a crash or a full disk
                 logger.warning("%s: line %d: ignoring an incomplete line (%d characters: %r...)", self.path, i + 1,
                                len(line), line[:80])
+                continue
+            if not isinstance(op, dict) or not isinstance(op.get("seq"), int) or "kind" not in op:
+                logger.warning("%s: line %d: ignoring a line that is not a spooled batch (%r...)", self.path, i + 1,
+                               line[:80])
+                continue
+            if ops and op["seq"] <= ops[-1]["seq"]:
+                continue  # written again after a full disk cut the first copy's write short: once is enough
+            ops.append(op)
         return ops
 
     def state(self) -> dict[str, Any]:
@@ -152,6 +164,57 @@ class Spool:
 
 
 # ------------------------------------------------------------------------- delivery
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other URIs and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):].split("?")[0]
+    return None if not db or db == ":memory:" else Path(db)
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` (an exclusive ``flock``) for a sqlite URI, so that only one process at a
+    time creates or migrates the store's schema: MLflow's migrations are not safe to run
+    concurrently (``duplicate column name: step``, "Online migration expected"). The lock file is
+    left in place (removing it would race the next process). A lock that cannot be taken within
+    ``STORE_LOCK_TIMEOUT`` (or no ``fcntl``) lets the caller go on without it."""
+    db = sqlite_path(uri)
+    if db is None or fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        logger.debug("no store lock for %s: %s", db, err)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + STORE_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    logger.warning("%s.lock: still held after %.0f s; opening the store without it", db,
+                                   STORE_LOCK_TIMEOUT)
+                    break
+                time.sleep(0.05)  # poll: another process is creating the schema (a few seconds)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def open_client(uri: str) -> "MlflowClient":
+    """An ``MlflowClient`` for ``uri`` whose store is open: for a sqlite store its creation or
+    migration runs under :func:`store_lock`, so processes starting together never race on the schema."""
+    from mlflow import MlflowClient
+
+    with store_lock(uri):  # MlflowClient opens (creates, migrates) the store in its constructor
+        return MlflowClient(tracking_uri=uri)
+
+
 def import_mlflow() -> Any:
     """``import mlflow``, or the MissingExtraError that names the ``mlflow`` extra."""
     try:
@@ -223,6 +286,9 @@ def is_transient(err: BaseException) -> bool:
     request the server rejects (bad key, unknown or deleted run). A sqlite store that another process
     holds locked (SQLITE_BUSY/SQLITE_LOCKED, after SQLite's own wait) is transient too."""
     orig = getattr(err, "orig", err)  # SQLAlchemy wraps the DB-API error
+    text = str(err).lower()
+    if any(m in text for m in _MIGRATION_RACE):  # another process is migrating the store right now
+        return True
     code = getattr(orig, "sqlite_errorcode", None) if isinstance(orig, sqlite3.Error) else None
     if code is not None and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):  # primary code
         return True
@@ -322,7 +388,13 @@ def deliver(client: "MlflowClient", op: Mapping[str, Any], run_id: str, check: b
             if any(m.step == step and m.timestamp == ts for m in client.get_metric_history(run_id, key)):
                 return False
         metrics = [Metric(k, math.nan if v is None else v, ts, step) for k, v, ts, step in rows]
-        client.log_batch(run_id, metrics=metrics, synchronous=True)
+        if op.get("tags"):
+            from mlflow.entities import RunTag
+
+            client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in op["tags"].items()],
+                             synchronous=True)
+        else:
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
     elif kind == "image":
         prefix = image_prefix(op["key"], op["step"], op["timestamp"])
         if check and any(f.path.startswith(prefix) and f.path.endswith("+compressed.webp")
@@ -394,8 +466,6 @@ def replay_spool(path: str | os.PathLike, tracking_uri: str | None = None) -> in
 
 
 def _replay(spool: Spool, tracking_uri: str | None) -> int:
-    from mlflow import MlflowClient
-
     path = spool.path
     state, ops = spool.state(), spool.pending()
     if not ops:
@@ -403,7 +473,7 @@ def _replay(spool: Spool, tracking_uri: str | None) -> int:
         return 0
     uri = tracking_uri or ops[0]["tracking_uri"]
     check_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     run_id = state.get("run_id") or ops[0].get("run_id")
     sent = 0
     for i, op in enumerate(ops):
@@ -412,8 +482,13 @@ def _replay(spool: Spool, tracking_uri: str | None) -> int:
                 if op["kind"] == "create_run":
                     run_id = find_or_create_run(client, op, search=True)
                     sent += 1
+                elif not (run_id or op.get("run_id")):
+                    raise ConfigError(f"replay: {path} holds batches for a run it never created (no run id and no "
+                                      f"create_run line before batch {op['seq']}); not a complete MLflowSink spool")
                 else:
                     sent += deliver(client, op, run_id or op["run_id"], check=True)
+        except ConfigError:
+            raise
         except Exception as err:
             left = len(ops) - i
             if is_transient(err):

@@ -52,9 +52,9 @@ from ..grouping import StatsTable
 from ..naming import STATS, SUMMARY, image_key, mlflow_key, mlflow_key_of_part, quantile_stats, table_file
 from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir, exit_status
 from ._delivery import SUPPORTED as PROCESS_SUPPORTED
-from ._delivery import DeliveryProcess
+from ._delivery import Channel, DeliveryProcess
 from ._spool import (Spool, check_uri, deliver, find_or_create_run, get_existing, http_limits, import_mlflow, is_http,
-                     is_transient, png_b64, replay_spool, short_error)
+                     is_transient, open_client, png_b64, replay_spool, short_error)
 from .files import csv_text, tidy_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,9 +67,10 @@ logger = logging.getLogger(__name__)
 
 MAX_METRICS_PER_REQUEST = 1000
 MAX_RESTARTS = 3  # of a delivery process that exited unexpectedly
-ROTATE_BYTES = 16 << 20  # process delivery: a delivered spool file past this size is replaced by a new one
+ROTATE_BYTES = 256 << 10  # process delivery: a delivered spool file past this size is replaced by a new one
 DELIVERIES = ("auto", "process", "inline")
 _STAT_KEYS = STATS + ("nonfinite",)
+NAMES_TAG = "labeltrack.names"  # run tag: the tracked names in the run, comma-separated, in first-logged order
 
 
 def _resolve_uri(tracking_uri: str | None, mlflow: Any) -> str:
@@ -99,6 +100,24 @@ def _positive(value: Any, what: str, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def check_spool_dir(path: Path) -> None:
+    """Inline delivery creates its spool directory only when a server fails; prove now that it can
+    (create it and a file in it, then remove what was created), so an unusable ``spool_dir``
+    (read-only, under a regular file) is a ConfigError when the sink is built, not a lost outage."""
+    created, p = [], path
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        ensure_writable_dir(path, "spool_dir")
+    finally:
+        for d in created:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
 # ----------------------------------------------------------------------------- sink
 class MLflowSink(Sink):
     """Write per-label statistics to MLflow as batched metrics and band figures as step-indexed images.
@@ -110,21 +129,29 @@ class MLflowSink(Sink):
     ``tables/<name>_<mode>_step<step>.csv``. Figures go to ``log_image`` with key
     ``<name>/<mode>/figure`` (the Image grid shows them with a step slider).
 
+    The run's tag ``labeltrack.names`` lists the tracked names it holds (``"loss_by_y,acc_by_y"``,
+    in the order they were first logged; updated in the request of a new name's first metrics), so a
+    run shared by several trackers says what is in it.
+
     When two labels share a display name, the later one is keyed as ``<display name> (<label>)``
     (see :meth:`Sink.label_texts`). Steps must be non-negative ints.
 
     The run: an explicit ``run_id`` is used as is; otherwise the active fluent run
     (``mlflow.active_run()``) is joined, unless ``tracking_uri`` names another server than the one it
     lives on; otherwise a run is created in ``experiment`` (created if missing). Only a run the sink
-    created is ended by :meth:`close`: ``FINISHED``, or ``FAILED`` when the sink is used as a context
-    manager and the block raises. A copy made by pickling shares the run but never ends it.
+    created is ended by :meth:`close`, with ``close(status=...)`` or, used as a context manager, with
+    the status of how the block ended (:func:`exit_status`: ``FINISHED`` for a clean exit including
+    ``sys.exit(0)``, ``KILLED`` for Ctrl-C, ``FAILED`` for an exception or a non-zero exit); plain
+    ``close()`` ends it ``FINISHED``. A copy made by pickling shares the run but never ends it.
 
     Delivery (``delivery``):
 
     * ``"process"`` (what ``"auto"`` picks for a run the sink creates, on POSIX): the training
       process never imports mlflow. Calls append to the spool file (replaced by a new one once it
-      is past ``ROTATE_BYTES`` and fully delivered) and return; a child process
-      (started with the sink) delivers in order, retrying a server that is down. :meth:`flush` does
+      is past ``ROTATE_BYTES`` and fully delivered) and return; the process's one delivery child
+      (started by the first sink that needs it, shared by every MLflowSink of the process, see
+      :mod:`._delivery`) delivers in order, retrying a server that is down. A process forked after
+      the sink was built logs through its own spool and delivery child into the same run. :meth:`flush` does
       not wait for the server; :meth:`close` waits until everything is delivered (at most
       ``close_timeout``, then what is left stays in the spool for ``labeltrack-log replay``) and
       :attr:`run_id` waits (at most ``timeout``) for the run to be created. Problems the child meets
@@ -195,7 +222,7 @@ class MLflowSink(Sink):
         self._seq = 0
         self._last_ms = 0
         self._keys: dict[tuple[str, str, str], tuple[str, ...]] = {}  # (name, mode, label text) -> keys (a cache)
-        self.end_status = "FINISHED"
+        self._names: list[str] = []  # tracked names logged so far, in order (the run tag NAMES_TAG)
 
         loaded = sys.modules.get("mlflow")  # imported by the user: a fluent run or URI may be set
         active = loaded.active_run() if loaded is not None and run_id is None and delivery != "process" else None
@@ -218,6 +245,7 @@ class MLflowSink(Sink):
                         mlflow.get_tracking_uri(), self.tracking_uri)
             active = None
         check_uri(self.tracking_uri)
+        check_spool_dir(self.spool_dir)
 
         self._init_runtime()
         self._run_id: str | None = run_id
@@ -244,12 +272,23 @@ class MLflowSink(Sink):
         self._init_runtime()
         self._run_id = None
         self.owns_run = True
-        self._journal([self._op("create_run", run_name=run_name, owned=True)])
+        if not self._journal([self._op("create_run", run_name=run_name, owned=True)]):
+            self._unwritten = []
+            err = self._disk_error
+            try:
+                self.spool.remove()
+            except OSError:
+                pass
+            raise ConfigError(f"spool_dir: expected a directory with room for the spool, got {str(self.spool_dir)!r} "
+                              f"(writing {self.spool.path} failed: {err}); free space there or pass another spool_dir")
         self._ensure_process()
 
     def _init_runtime(self) -> None:
-        self._process: DeliveryProcess | None = None
+        self._pid = os.getpid()  # the process that owns self.spool and self._process
+        self._process: Channel | None = None
         self._journaled = -1  # seq of the last batch written to the spool
+        self._unwritten: list[dict[str, Any]] = []  # spool lines the disk did not take (yet), in order
+        self._disk_error: str | None = None  # why the disk last refused them (reported once)
         self._client: "MlflowClient | None" = None
         self._lock = threading.RLock()
         self._backlog: list[dict[str, Any]] = []
@@ -257,6 +296,29 @@ class MLflowSink(Sink):
         self._broken: str | None = None
         self._outage = False
         self.spool = self._new_spool()
+
+    def _check_fork(self) -> None:
+        """In a process forked after the sink was built (a ``multiprocessing`` fork worker): never
+        touch the parent's spool file, cursor or delivery process. The child gets its own spool and
+        delivery (it joins the parent's run: its id, or its tag if it is not created yet; the child
+        never ends it), so the parent loses nothing and the child's values arrive too."""
+        if self._pid == os.getpid():
+            return
+        parent = self.spool
+        run_id = self._run_id
+        deadline = time.monotonic() + self.timeout
+        while run_id is None and self.delivery == "process":  # the parent's child writes it to the cursor
+            try:
+                run_id = parent.state().get("run_id")
+            except (OSError, ValueError):
+                pass
+            if run_id is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)  # poll the parent's cursor, bounded by timeout
+        self._init_runtime()
+        self._run_id, self.owns_run = run_id, False
+        logger.info("MLflowSink used in a forked process (pid %d): it logs through its own spool %s into run %s",
+                    self._pid, self.spool.path, run_id or "(found by its tag)")
 
     def _new_spool(self) -> Spool:
         return Spool(self.spool_dir / f"mlflow-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl")
@@ -279,6 +341,7 @@ class MLflowSink(Sink):
 
         With process delivery the delivery process creates the run: reading this waits, up to
         ``timeout`` seconds, until it has reported the id."""
+        self._check_fork()
         if self._run_id is None and self._process is not None:
             with self._lock:
                 self._process.wait_for(lambda: self._run_id is not None, self.timeout)
@@ -288,9 +351,7 @@ class MLflowSink(Sink):
     def client(self) -> "MlflowClient":
         """The sink's own ``MlflowClient`` (created on first use, dropped when pickled)."""
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
         return self._client
 
     def _construct(self, call: Any, what: str) -> bool:
@@ -370,6 +431,9 @@ class MLflowSink(Sink):
             rows.append([mlflow_key(name, mode, SUMMARY, stat), value if math.isfinite(value) else math.nan, ts, step])
         ops = [self._op("metrics", step=step, metrics=rows[i:i + MAX_METRICS_PER_REQUEST])
                for i in range(0, len(rows), MAX_METRICS_PER_REQUEST)]
+        if name not in self._names:  # a new tracked name: the run says what it holds (same request)
+            self._names.append(name)
+            ops[0]["tags"] = {NAMES_TAG: ",".join(self._names)}
         if view.over_budget:
             tidy = tidy_rows(table, step=step, name=name, mode=mode, label_names=self.label_names)  # every label
             ops.append(self._op("text", step=step, path=f"tables/{table_file(name, mode, step)}",
@@ -417,20 +481,22 @@ class MLflowSink(Sink):
                 return False
             self._backlog.pop(0)
             done += 1
+            if not self.spool.exists():
+                continue  # delivered from memory: the disk never held it
             try:
                 self.spool.advance(op["seq"], self._run_id)
             except OSError as err:  # harmless: a replay looks each batch up before sending it
                 logger.warning("could not update the spool cursor %s: %s", self.spool.cursor_path, err)
         logger.info("MLflow server at %s answers again: delivered %d spooled batch(es)", self.tracking_uri, done)
         self._outage = False
+        self._unwritten = []  # delivered from memory
         try:
             self.spool.remove()
         except OSError as err:
             logger.warning("could not remove the delivered spool %s: %s", self.spool.path, err)
         return True
 
-    def _journal(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Append ``ops`` to the spool as JSON lines; returns the lines ([] when the disk failed)."""
+    def _lines(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lines = []
         for op in ops:
             line = {k: v for k, v in op.items() if not k.startswith("_")}
@@ -440,17 +506,41 @@ class MLflowSink(Sink):
             if op["kind"] == "metrics":
                 line["metrics"] = [[k, None if v != v else v, ts, s] for k, v, ts, s in op["metrics"]]
             lines.append(line)
-        try:
-            self.spool.append(lines)
-        except Exception as err:  # the disk is the last resort: say loudly what is lost
-            logger.error("could not write %d MLflow batch(es) to the spool %s (%s): they are lost", len(ops),
-                         self.spool.path, err)
-            return []
-        self._journaled = lines[-1]["seq"] if lines else self._journaled
         return lines
 
+    def _journal(self, ops: list[dict[str, Any]]) -> bool:
+        """Append ``ops`` to the spool as JSON lines (see :meth:`_write`)."""
+        return self._write(self._lines(ops))
+
+    def _write(self, new: list[dict[str, Any]]) -> bool:
+        """Append spool lines, after any earlier lines the disk did not take; False when the disk
+        failed: then they are kept in memory, in order, and written later, or delivered from memory
+        at close. A full disk is reported once, as an error naming the spool."""
+        lines = self._unwritten + new
+        try:
+            self.spool.append(lines)
+        except Exception as err:
+            first = self._disk_error is None
+            self._disk_error = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
+            self._unwritten = lines
+            if first:
+                logger.error("could not write to the MLflow spool %s (%s): the batches it cannot take (%d so far) are "
+                             "kept in memory, written as soon as it has room and otherwise delivered from memory "
+                             "at close; free space on %s", self.spool.path, self._disk_error, len(lines),
+                             self.spool.path.parent)
+            return False
+        if self._unwritten:
+            logger.warning("the MLflow spool %s takes batches again: wrote the %d batch(es) kept in memory",
+                           self.spool.path, len(self._unwritten))
+            self._unwritten = []
+        self._journaled = lines[-1]["seq"] if lines else self._journaled
+        return True
+
     def _to_spool(self, ops: list[dict[str, Any]]) -> None:
-        self._backlog.extend(self._journal(ops))
+        """Inline delivery: keep ``ops`` as the backlog (in memory) and in the spool (on disk)."""
+        lines = self._lines(ops)
+        self._write(lines)
+        self._backlog.extend(lines)
 
     # ---------------------------------------------------------- process delivery
     def _on_report(self, report: dict[str, Any]) -> None:
@@ -461,46 +551,61 @@ class MLflowSink(Sink):
             logger.log(int(report.get("level", logging.WARNING)), "%s", report["msg"])
 
     def _ensure_process(self) -> bool:
-        """Start the delivery process, or restart one that exited unexpectedly. False when that is
+        """Attach this sink's spool to the process's delivery child, starting it (or restarting one
+        that exited unexpectedly: every open spool is handed to the new child). False when that is
         not possible (it cannot be started, or it died MAX_RESTARTS times): the sink then switches to
         inline delivery, with the spool's undelivered batches as its backlog."""
-        proc = self._process
-        if proc is not None and proc.alive():
+        channel = self._process
+        if channel is not None and channel.alive():
             return True
-        restarts = 0
-        if proc is not None:
-            proc.poll()
-            restarts = proc.restarts + 1
-            if restarts > MAX_RESTARTS:
-                self._to_inline(f"the MLflow delivery process exited unexpectedly {restarts} times (exit code "
-                                f"{proc.proc.returncode}; see its messages above)")
-                return False
-            logger.error("the MLflow delivery process exited unexpectedly (exit code %s; see its messages above); "
-                         "restarting it: every batch is kept in %s", proc.proc.returncode, self.spool.path)
-        proc = DeliveryProcess(self.spool, timeout=self.timeout, retry_interval=self.retry_interval,
-                               close_timeout=self.close_timeout, on_report=self._on_report, restarts=restarts)
-        try:
-            proc.start()
-        except OSError as err:
-            self._to_inline(f"could not start the MLflow delivery process ({type(err).__name__}: {err})")
-            return False
-        self._process = proc
+        shared = DeliveryProcess.shared()
+        with shared._lock:
+            if not shared.alive():
+                if shared.proc is not None:
+                    shared.poll()
+                    code = shared.proc.returncode
+                    if shared.restarts + 1 > MAX_RESTARTS:
+                        self._to_inline(f"the MLflow delivery process exited unexpectedly {shared.restarts + 1} "
+                                        f"times (exit code {code}; see its messages above)")
+                        return False
+                    logger.error("the MLflow delivery process exited unexpectedly (exit code %s; see its messages "
+                                 "above); restarting it: every batch is kept in %s", code, self.spool.path)
+                try:
+                    shared.start()
+                except OSError as err:
+                    self._to_inline(f"could not start the MLflow delivery process ({type(err).__name__}: {err})")
+                    return False
+            if channel is None or channel.id not in shared.channels:
+                try:
+                    lock = self.spool.lock()  # handed over to the child once it has opened the spool
+                except BlockingIOError:
+                    self._to_inline(f"the spool {self.spool.path} is being replayed by another process")
+                    return False
+                except OSError:
+                    lock = None
+                channel = shared.attach(self.spool, timeout=self.timeout, retry_interval=self.retry_interval,
+                                        close_timeout=self.close_timeout, on_report=self._on_report,
+                                        run_id=self._run_id, lock_fd=lock)
+        self._process = channel
         return True
 
     def _to_inline(self, why: str) -> None:
         logger.error("%s; delivering from the training process instead (the batches not delivered yet are in %s)",
                      why, self.spool.path)
+        if self._process is not None:
+            self._process.detach()
         self.delivery, self._process = "inline", None
         self._retry_at = 0.0
         try:
             self._run_id = self._run_id or self.spool.state().get("run_id")
-            self._backlog = self.spool.pending() if self.spool.exists() else []
+            self._backlog = (self.spool.pending() if self.spool.exists() else []) + self._unwritten
         except (OSError, ValueError) as err:
             logger.error("could not read the spool %s (%s): run labeltrack-log replay %s", self.spool.path, err,
                          self.spool.path)
             self._backlog = []
 
     def _submit(self, ops: list[dict[str, Any]], deadline: float | None = None, force: bool = False) -> None:
+        self._check_fork()
         with self._lock:
             if self._run_id is None and not self._backlog and self._process is None:
                 # a pickled copy whose run was not created yet: find it by its tag (or create it)
@@ -555,6 +660,7 @@ class MLflowSink(Sink):
         """Inline delivery: replay spooled batches now (within ``timeout``) if there are any.
         Process delivery: hand the delivery process what was logged (it is already in the spool
         file) and log its reports; does not wait for the server."""
+        self._check_fork()
         with self._lock:
             if self.delivery == "process":
                 if self._process is not None and self._ensure_process():
@@ -563,16 +669,20 @@ class MLflowSink(Sink):
             self._drain(time.monotonic() + self.timeout, force=True)
 
     def _close(self) -> None:
+        self._check_fork()
         if self.delivery == "process":
             self._close_process()
             return
         with self._lock:
             deadline = time.monotonic() + self.close_timeout
             if self.owns_run:
-                self._submit([self._op("end_run", status=self.end_status or "FINISHED")], deadline, force=True)
+                self._submit([self._op("end_run", status=self._final_status())], deadline, force=True)
             else:
                 self._drain(deadline, force=True)
             self._warn_backlog()
+
+    def _final_status(self) -> str:
+        return getattr(self, "end_status", None) or "FINISHED"
 
     def _warn_backlog(self) -> None:
         if self._backlog:
@@ -584,21 +694,39 @@ class MLflowSink(Sink):
     def _close_process(self) -> None:
         with self._lock:
             if self.owns_run:
-                self._journal([self._op("end_run", status=self.end_status or "FINISHED")])
+                self._journal([self._op("end_run", status=self._final_status())])
             if self._process is None and not self.spool.exists():
                 return  # a copy that never logged anything
             if not self._ensure_process():  # switched to inline: the backlog ends with the end of run
                 self._drain(time.monotonic() + self.close_timeout, force=True)
                 self._warn_backlog()
                 return
+            deadline = time.monotonic() + self.close_timeout
             if not self._process.finish():
-                logger.warning("MLflowSink: the delivery process did not finish within close_timeout=%ss and was "
-                               "stopped; what it did not deliver is kept in %s: labeltrack-log replay %s",
+                logger.warning("MLflowSink: the delivery process did not finish within close_timeout=%ss; what it "
+                               "did not deliver is kept in %s: labeltrack-log replay %s",
                                self.close_timeout, self.spool.path, self.spool.path)
+            if self._unwritten:
+                self._deliver_unwritten(deadline)
             try:
                 self.spool_dir.rmdir()  # only when empty: nothing was left behind
             except OSError:
                 pass
+
+    def _deliver_unwritten(self, deadline: float) -> None:
+        """At close, process delivery: the batches the full disk never took are delivered from
+        memory, from this process (once the child delivered everything before them)."""
+        done = self._process.done or {}
+        lost = len(self._unwritten)
+        if done.get("left") == 0:
+            self._run_id = self._run_id or done.get("run_id")
+            self.delivery, self._process = "inline", None
+            self._backlog, self._unwritten = self._unwritten, []
+            self._drain(deadline, force=True)
+            lost = len(self._backlog)
+        if lost:
+            logger.error("MLflowSink: %d batch(es) for run %s could not be written to the spool %s (%s) nor "
+                         "delivered: they are lost", lost, self._run_id, self.spool.path, self._disk_error)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close(exit_status(exc_type, exc))  # sys.exit(0) FINISHED, Ctrl-C KILLED, else FAILED
