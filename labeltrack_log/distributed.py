@@ -34,7 +34,7 @@ from .errors import ConfigError, InputTypeError, MissingExtraError
 if TYPE_CHECKING:  # pragma: no cover
     from .grouping import GroupedStats
 
-__all__ = ["sync_stats", "resolve_group", "group_rank", "gather_objects"]
+__all__ = ["sync_stats", "not_padded", "resolve_group", "group_rank", "gather_objects"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,3 +214,29 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
     result._m2[:n] = m2
     logger.debug("synced %d labels over %d ranks; this rank sent %d bytes", n, len(gathered), sent)
     return result, sent
+
+
+def not_padded(sampler: Any) -> np.ndarray:
+    """Which of a ``torch.utils.data.DistributedSampler``'s samples on this rank are not padding.
+
+    With ``drop_last=False`` (the default) the sampler repeats samples from the start of its
+    order so that every rank gets the same number: the union of all ranks' samples then counts
+    ``num_replicas * num_samples - len(dataset)`` samples twice. This rank's ``j``-th sample is
+    position ``rank + j * num_replicas`` of that padded order, and padding iff that position is
+    past the dataset's end (with shuffling too; ``drop_last=True`` pads nothing). Returns a bool
+    array, one entry per sample of this rank in iteration order: slice it per batch and pass
+    ``labels[mask], values[mask]`` so that the synced counts are exactly the dataset's.
+    No torch import: the sampler's attributes are read.
+
+    Example:
+        >>> from torch.utils.data import DistributedSampler
+        >>> s = DistributedSampler(range(10), num_replicas=4, rank=3, shuffle=False)
+        >>> list(s), not_padded(s).tolist()
+        ([3, 7, 1], [True, True, False])
+    """
+    try:
+        n, replicas, rank, per_rank = len(sampler.dataset), sampler.num_replicas, sampler.rank, sampler.num_samples
+    except (AttributeError, TypeError):
+        raise InputTypeError(f"not_padded: expected a torch.utils.data.DistributedSampler (with dataset, num_replicas, "
+                             f"rank and num_samples), got {type(sampler).__name__}") from None
+    return rank + np.arange(per_rank, dtype=np.int64) * replicas < n

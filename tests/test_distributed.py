@@ -178,3 +178,55 @@ def test_only_rank_zero_writes(group, tmp_path):
     assert keys
     for key in keys[:20]:
         assert [m.step for m in client.get_metric_history(runs[0].info.run_id, key)] == [100, 200], key
+
+
+@pytest.mark.parametrize(("n", "world", "drop_last"), [(10, 4, False), (12, 4, False), (7, 3, True), (1, 4, False)])
+def test_not_padded_keeps_every_sample_once(n, world, drop_last):
+    from torch.utils.data import DistributedSampler
+
+    from labeltrack_log.distributed import not_padded
+
+    kept = []
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3, drop_last=drop_last)
+        order = list(sampler)
+        mask = not_padded(sampler)
+        assert len(mask) == len(order)
+        kept += [i for i, keep in zip(order, mask) if keep]
+    padded_total = world * len(list(DistributedSampler(range(n), num_replicas=world, rank=0, drop_last=drop_last)))
+    assert padded_total != n or n % world == 0 or drop_last  # the cases do pad (or drop)
+    if drop_last:
+        assert len(kept) == len(set(kept)) == n - n % world
+    else:
+        assert sorted(kept) == list(range(n))
+
+
+def test_not_padded_names_what_it_expects():
+    from labeltrack_log.distributed import not_padded
+    from labeltrack_log.errors import InputTypeError
+
+    with pytest.raises(InputTypeError, match="expected a torch.utils.data.DistributedSampler"):
+        not_padded([1, 2, 3])
+
+
+def test_ddp_example_runs_under_torchrun(tmp_path):
+    """examples/ddp_torch_digits.py under torchrun, 2 CPU ranks: padding excluded, rank 0 alone wrote."""
+    import os
+    import subprocess
+    import sys
+
+    example = Path(__file__).parent.parent / "examples" / "ddp_torch_digits.py"
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(servers.free_port()), str(example), "--output-dir", str(out), "--epochs", "2",
+           "--sinks", "csv,tensorboard"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "train samples 1401 of 1401, eval samples 396 of 396" in log  # 1401 pads to 1402 on 2 ranks
+    assert "2 ranks, 2 epochs" in log
+    history = StatsHistory.from_csv(out / "stats.csv")
+    assert history.steps("ce_by_digit", "train") == history.steps("ce_by_digit", "eval") and len(history.steps("ce_by_digit", "eval")) == 2
+    assert [int(t.count.sum()) for t in history.tables("ce_by_digit", "train")] == [1401, 1401]
+    assert sorted(p.parent.name for p in out.rglob("events.out.tfevents*")) == ["eval", "train"]
