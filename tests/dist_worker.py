@@ -99,20 +99,27 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    result: dict[str, Any] = {"stats": {}}
-    for name, shards in stats_scenarios(world).items():
+    from labeltrack_log import distributed
+
+    result: dict[str, Any] = {"stats": {}, "stats_reduce": {}}
+    default_gather = distributed._GATHER_MAX_BYTES
+    for key, name, shards in [("stats", n, s) for n, s in stats_scenarios(world).items()] + \
+            [("stats_reduce", n, s) for n, s in stats_scenarios(world).items()]:
+        # "stats_reduce": the same scenarios through the all_reduce branch (as with many ranks x labels)
+        distributed._GATHER_MAX_BYTES = default_gather if key == "stats" else 0
         g = GroupedStats()
         for labels, values in shards[rank]:
             g.update(labels, values)
         before = g.compute()
         first = g.synced()
         second = g.synced()
-        result["stats"][name] = {
+        result[key][name] = {
             "table": _table(first.compute()),
             "twice_equal": first.compute() == second.compute(),
             "local_unchanged": g.compute() == before,
             "merge_again": _table(GroupedStats().merge(first).compute()),
         }
+    distributed._GATHER_MAX_BYTES = default_gather
     # Different label kinds on different ranks: every rank raises, nobody hangs.
     g = GroupedStats()
     g.update([1, 2] if rank == 0 else ["a", "b"], [1.0, 2.0])

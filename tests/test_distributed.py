@@ -81,18 +81,19 @@ def one_process(shards: list) -> StatsTable:
     return g.compute()
 
 
+@pytest.mark.parametrize("branch", ["stats", "stats_reduce"], ids=["all_gather", "all_reduce"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_synced_equals_one_process_on_every_rank(group, scenario):
+def test_synced_equals_one_process_on_every_rank(group, scenario, branch):
     world, res = group
     want = one_process(dist_worker.stats_scenarios(world)[scenario])
-    got = [table(r["stats"][scenario]["table"]) for r in res["ranks"]]
+    got = [table(r[branch][scenario]["table"]) for r in res["ranks"]]
     assert_same_stats(got[0], want, scale=1e8 if scenario == "large_offset" else 1.0)
     for other in got[1:]:  # bit-identical on every rank
         assert other == got[0]
     for r in res["ranks"]:
-        assert r["stats"][scenario]["twice_equal"], "a second synced() gave another result"
-        assert r["stats"][scenario]["local_unchanged"], "synced() changed the local accumulator"
-        assert table(r["stats"][scenario]["merge_again"]) == got[0], "the synced accumulator does not merge as itself"
+        assert r[branch][scenario]["twice_equal"], "a second synced() gave another result"
+        assert r[branch][scenario]["local_unchanged"], "synced() changed the local accumulator"
+        assert table(r[branch][scenario]["merge_again"]) == got[0], "the synced accumulator does not merge as itself"
 
 
 def test_scenarios_cover_the_issue(group):
