@@ -122,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{dist.get_world_size()} ranks, {args.epochs} epochs: eval loss by digit "
                   f"{np.round(latest.mean, 3).tolist()} over {latest.count.sum()} samples; written to {out}")
     finally:
+        dist.barrier()  # no rank leaves before the others are done (gloo's teardown can hang otherwise)
         dist.destroy_process_group()
 
 
