@@ -1,5 +1,5 @@
-"""What ``make demo`` runs: FastEstimator + PyTorch on digits with per-class eval loss in TensorBoard
-and MLflow (./runs and sqlite:///mlflow.db in the output directory, default: the current one),
+"""What ``make demo`` runs: FastEstimator + PyTorch on digits with per-class loss and accuracy (train
+and eval, one run) in TensorBoard and MLflow (./runs and sqlite:///mlflow.db in the output directory, default: the current one),
 plus FE's ImageSaver PNG of the same tracker output. Takes well under a few minutes on a laptop CPU.
 """
 
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     start = time.perf_counter()
     out = fe_torch_digits.main(["--output-dir", args.output_dir, "--epochs", str(args.epochs)])
     images = sorted((out / "images").glob("*.png"))
-    print(f"\nlabeltrack-log demo finished in {time.perf_counter() - start:.0f} s. Per-class eval loss was written to:")
+    print(f"\nlabeltrack-log demo finished in {time.perf_counter() - start:.0f} s. Per-class loss and accuracy were written to:")
     print(f"  TensorBoard event files: {out / 'runs'}")
     print(f"  MLflow (sqlite):         {out / 'mlflow.db'}  (artifacts in {out / 'mlruns'})")
     for image in images:

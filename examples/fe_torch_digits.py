@@ -1,7 +1,9 @@
-"""FastEstimator + PyTorch on sklearn's digits: per-class eval loss in TensorBoard and MLflow.
+"""FastEstimator + PyTorch on sklearn's digits: per-class loss and accuracy in TensorBoard and MLflow.
 
-The only labeltrack-log lines are the import and the ``LabelTracker(...)`` call: it takes FE's
-LabelTracker arguments plus ``sinks=``. Its FE output still feeds FE's ``ImageSaver``.
+The only labeltrack-log lines are the import and the ``LabelTracker(...)`` calls: they take FE's
+LabelTracker arguments plus ``sinks=``. Their FE output still feeds FE's ``ImageSaver``. The two
+trackers (loss and accuracy by class, train and eval) share one run: one MLflow run, one
+TensorBoard run with one Custom Scalars layout.
 
 Run (everything is written under the output directory, default: the current one)::
 
@@ -25,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import fastestimator as fe  # noqa: E402
 import torch  # noqa: E402
+from fastestimator.op.tensorop import LambdaOp  # noqa: E402
 from fastestimator.op.tensorop.loss import CrossEntropy  # noqa: E402
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp  # noqa: E402
 from fastestimator.trace.io import ImageSaver  # noqa: E402
@@ -55,8 +58,9 @@ def mlp() -> torch.nn.Module:
 def build_estimator(*, epochs: int = 3, sinks: Any = ("tensorboard", "mlflow"), subsample: int | None = None,
                     batch_size: int = 32, image_dir: str | None = None, tracker_mode: Any = "eval",
                     label_mapping: dict | None = None, bounds: Any = "std", figures: Any = "end",
-                    extra_traces: Sequence[Any] = ()) -> tuple[fe.Estimator, LabelTracker]:
-    """The FE estimator of this example, and its tracker (tests reuse this with other settings)."""
+                    extra_traces: Sequence[Any] = (), accuracy: bool = False) -> tuple[fe.Estimator, LabelTracker]:
+    """The FE estimator of this example, and its loss tracker (tests reuse this with other settings).
+    ``accuracy``: also track per-sample accuracy by class (``acc_by_digit``), into the same sinks."""
     train, evaluation = digits_data(subsample)
     pipeline = fe.Pipeline(train_data=train, eval_data=evaluation, batch_size=batch_size)
     model = fe.build(model_fn=mlp, optimizer_fn="adam")
@@ -65,10 +69,15 @@ def build_estimator(*, epochs: int = 3, sinks: Any = ("tensorboard", "mlflow"), 
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
         CrossEntropy(inputs=("y_pred", "y"), outputs="sample_ce", from_logits=True, average_loss=False),
         UpdateOp(model=model, loss_name="ce"),
+        *([LambdaOp(fn=lambda y_pred, y: (torch.argmax(y_pred, dim=-1) == y).float(), inputs=("y_pred", "y"),
+                    outputs="sample_acc")] if accuracy else []),  # 1.0 where the class is right
     ])
     tracker = LabelTracker(label="y", metric="sample_ce", label_mapping=label_mapping, bounds=bounds,
                            mode=tracker_mode, outputs="ce_by_digit", sinks=list(sinks), figures=figures)
     traces: list[Any] = [tracker, *extra_traces]
+    if accuracy:  # a second tracker, same sinks: same MLflow run, same TensorBoard run and layout
+        traces.append(LabelTracker(label="y", metric="sample_acc", label_mapping=label_mapping, bounds=bounds,
+                                   mode=tracker_mode, outputs="acc_by_digit", sinks=list(sinks), figures=figures))
     if image_dir is not None:
         traces.append(ImageSaver(inputs="ce_by_digit", save_dir=image_dir))
     estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, traces=traces, log_steps=0)
@@ -96,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     (out / "images").mkdir(parents=True, exist_ok=True)
     with working_dir(out):
         estimator, _ = build_estimator(epochs=args.epochs, subsample=args.subsample, image_dir=str(out / "images"),
-                                       label_mapping=DIGIT_NAMES, bounds=["std", "range"])
+                                       label_mapping=DIGIT_NAMES, bounds=["std", "range"],
+                                       tracker_mode=["train", "eval"], accuracy=True)
         estimator.fit()
     return out
 

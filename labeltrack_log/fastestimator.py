@@ -13,13 +13,15 @@ Importing this module needs the ``fastestimator`` extra; ``import labeltrack_log
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
-from .errors import ConfigError, missing_extra
+from .errors import ConfigError, InputShapeError, missing_extra
 from .grouping import StatsTable, to_numpy
 from .history import StatsHistory
+from .run import Run
 from .sinks import Sink
 from .tracker import Tracker
 
@@ -34,7 +36,46 @@ except ModuleNotFoundError as err:  # fastestimator itself, or the tensorflow/to
         raise
     raise missing_extra(err.name.split(".")[0], "fastestimator", "labeltrack_log.fastestimator.LabelTracker") from err
 
-__all__ = ["LabelTracker"]
+__all__ = ["LabelTracker", "estimator_run"]
+
+# the Run of each Estimator's current fit, keyed by its System (one per Estimator, shared by its traces)
+_RUNS: "weakref.WeakKeyDictionary[Any, Run]" = weakref.WeakKeyDictionary()
+
+
+def _fe_tensorboard(system: Any) -> Optional[Any]:
+    """FE's own ``fastestimator.trace.io.TensorBoard`` trace among the Estimator's traces, if any."""
+    try:
+        from fastestimator.schedule.schedule import Scheduler
+        from fastestimator.trace.io.tensorboard import TensorBoard
+    except ImportError:  # pragma: no cover - part of every FE 1.x
+        return None
+    for trace in getattr(system, "traces", None) or []:
+        candidates = trace.get_all_values() if isinstance(trace, Scheduler) else [trace]
+        for candidate in candidates:
+            if isinstance(candidate, TensorBoard):
+                return candidate
+    return None
+
+
+def estimator_run(system: Any) -> Run:
+    """The :class:`~labeltrack_log.Run` of the Estimator's current ``fit()``: one per System and
+    experiment time, shared by all its LabelTrackers. With FE's own TensorBoard trace in the
+    Estimator, its TensorBoard sinks default to that trace's runs, ``<log_dir>/<experiment time>/<mode>``
+    (FE's ``System.experiment_time``, set by every ``fit()``), so FE's curves and ours are one
+    TensorBoard run."""
+    stamp = getattr(system, "experiment_time", "") or ""
+    run = _RUNS.get(system)
+    if run is not None and getattr(run, "_fe_time", None) == stamp:
+        return run
+    fe_tb = _fe_tensorboard(system)
+    defaults = {"tensorboard": {"logdir": fe_tb.root_log_dir, "run_name": stamp}} if fe_tb is not None and stamp else {}
+    run = Run([], defaults=defaults)
+    run._fe_time = stamp  # type: ignore[attr-defined]
+    try:
+        _RUNS[system] = run
+    except TypeError:  # a System that cannot be weakly referenced: no sharing, still correct per trace
+        pass
+    return run
 
 _BOUNDS = ("std", "range", None)  # FE's options, in the order FE writes their keys; None has no band figure
 
@@ -77,8 +118,15 @@ def _class_ids(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _per_sample(values: np.ndarray) -> np.ndarray:
-    """(N,) as is, (N, 1) flattened; other shapes go to GroupedStats, which explains the error."""
+def _per_sample(values: np.ndarray, key: str = "metric") -> np.ndarray:
+    """(N,) as is, (N, 1) flattened; a batch mean (0-d) is an error naming FE's own option
+    (``average_loss=False``); other shapes go to GroupedStats, which explains the error."""
+    if values.ndim == 0:
+        raise InputShapeError(
+            f"metric '{key}': expected one value per sample, got a scalar (0-d): a batch mean. In FastEstimator, "
+            f"compute the loss per sample with average_loss=False (e.g. CrossEntropy(inputs=..., outputs='{key}', "
+            "average_loss=False)) and keep a separate averaged loss for UpdateOp if you train on it."
+        )
     return values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
 
 
@@ -115,6 +163,11 @@ class LabelTracker(Trace):
         figures: When band figures are rendered and sent to the sinks: ``"end"`` (default: once,
             at the end of training), ``"epoch"`` (every epoch), an int N (every N epochs and at the
             end), or None (never).
+        run: A :class:`labeltrack_log.Run` to attach to. None (default): all LabelTrackers of one
+            Estimator share one run per ``fit()`` (one MLflow run, one TensorBoard run, one file):
+            sinks that name the same destination are shared, and with FE's
+            ``fastestimator.trace.io.TensorBoard`` trace in the Estimator, a TensorBoard sink without
+            an explicit ``logdir`` writes into that trace's ``<log_dir>/<experiment time>/<mode>``.
         max_steps: Steps kept per mode for the figures (older ones are thinned evenly).
 
     Attributes:
@@ -147,7 +200,8 @@ class LabelTracker(Trace):
                  *,
                  sinks: Any = None,
                  figures: Union[None, str, int] = "end",
-                 max_steps: int = 256) -> None:
+                 max_steps: int = 256,
+                 run: Optional[Run] = None) -> None:
         super().__init__(inputs=[label, metric], outputs=outputs or f"{metric}_by_{label}", mode=mode, ds_id=ds_id)
         bounds = set(to_set(bounds)) or {None}
         bad = [b for b in bounds if b not in _BOUNDS]
@@ -162,7 +216,9 @@ class LabelTracker(Trace):
         self._tracker = Tracker(self.outputs[0], sinks=sinks, figures=figures, max_steps=max_steps,
                                 bounds=[b for b in _BOUNDS if b in bounds and b is not None],
                                 label_names={val: str(key) for val, key in mapping.items()} if mapping else None,
-                                labels=mapping)  # FE reports only the mapped labels
+                                labels=mapping,  # FE reports only the mapped labels
+                                run=run)
+        self._explicit_run = run is not None
 
     @property
     def label_key(self) -> str:
@@ -203,11 +259,19 @@ class LabelTracker(Trace):
     def on_begin(self, data: Data) -> None:
         if not self.system.global_step:  # a fresh fit(); a RestoreWizard's load_state comes after this
             self._tracker.reset()
-        self._tracker.sinks  # noqa: B018 - reopen sinks closed by an earlier on_end
+        if not getattr(self, "_explicit_run", False):
+            run = estimator_run(self.system)
+            self._tracker._join(run)
+            fe_tb = run._defaults.get("tensorboard")
+            if fe_tb:  # sinks built before the fit: FE's TensorBoard run, unless a logdir was configured
+                for sink in self._tracker.sinks:
+                    if hasattr(sink, "use_run_dir"):
+                        sink.use_run_dir(fe_tb["logdir"], fe_tb["run_name"])
+        # sinks closed by an earlier on_end reopen when this fit logs its first epoch
 
     def on_batch_end(self, data: Data) -> None:
         labels = _class_ids(to_numpy(data[self.label_key], f"labels '{self.label_key}'"))
-        values = _per_sample(to_numpy(data[self.metric_key], f"metric '{self.metric_key}'"))
+        values = _per_sample(to_numpy(data[self.metric_key], f"metric '{self.metric_key}'"), self.metric_key)
         self._tracker.update(labels, values, mode=self.system.mode)
         self._first_seen.update(labels)
 

@@ -13,18 +13,58 @@ running state by Chan et al.'s parallel formula. The same formula merges two acc
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from .errors import InputShapeError, InputTypeError
 
-__all__ = ["GroupedStats", "LabelStats", "StatsTable", "to_numpy"]
+__all__ = ["GroupedStats", "LabelStats", "StatsTable", "to_numpy", "natural_key"]
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 16  # samples staged before a vectorised reduction
+_BIG = 2.0**480  # deviations below this square (and sum over 2**40 samples) without overflow
 _DENSE_MAX = 1 << 16  # non-negative int labels below this use a lookup table (no sorting)
 _FAST_LABEL_DTYPES = frozenset(np.dtype(t) for t in ("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32"))
 _FAST_VALUE_DTYPES = frozenset(np.dtype(t) for t in ("float64", "float32", "float16"))
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(label: Any) -> tuple:
+    """Sort key for labels in natural order: numbers numerically, strings digit-aware.
+
+    Digit runs inside strings compare as numbers (``img2`` before ``img10``), the rest as text;
+    texts equal as numbers (``img01``, ``img1``) are ordered by the text itself, so the order is
+    total. This is the one place labels are ordered (:class:`GroupedStats` output, hence the label
+    budget; :class:`~labeltrack_log.StatsHistory`; figures). Hand-written (ten lines) rather than
+    ``natsort``: the core needs only numpy and matplotlib.
+
+    Example:
+        >>> sorted(["img10", "img2", "img1", "b"], key=natural_key)
+        ['b', 'img1', 'img2', 'img10']
+    """
+    if isinstance(label, (int, float, np.integer, np.floating, np.bool_)):
+        return (0, label.item() if isinstance(label, np.generic) else label, (), "")
+    text = str(label)
+    parts = _DIGITS.split(text)
+    return (1, 0, tuple((0, int(p), "") if i % 2 else (1, 0, p) for i, p in enumerate(parts)), text)
+
+
+def _natural_order(labels: list[Any]) -> np.ndarray:
+    """Row order that puts string ``labels`` in natural order (see :func:`natural_key`)."""
+    if not any(_DIGITS.search(lab) for lab in labels):  # no digits: plain text order is natural
+        return np.argsort(np.array(labels, dtype=object), kind="stable")
+    return np.array(sorted(range(len(labels)), key=lambda i: natural_key(labels[i])), dtype=np.int64)
+
+
+def _pow2(x: np.ndarray) -> np.ndarray:
+    """The smallest power of two >= x (at least 1, at most 2**1023), elementwise."""
+    return np.ldexp(1.0, np.clip(np.frexp(x)[1], 0, 1023).astype(np.int32))
 
 
 class LabelStats(NamedTuple):
@@ -75,6 +115,27 @@ def _check_1d(arr: np.ndarray, what: str, hint: str) -> None:
     if arr.ndim == 0:
         raise InputShapeError(f"{what}: expected a 1-D array with one entry per sample, got a scalar (0-d). {hint}")
     raise InputShapeError(f"{what}: expected a 1-D array with one entry per sample, got shape {tuple(arr.shape)}. {hint}")
+
+
+def _label_hint(lab: np.ndarray) -> str:
+    """What to pass instead of labels of this shape: (N, 1) is a column of class ids (argmax
+    would turn every label into class 0); (N, C>1) is one-hot or probabilities."""
+    if lab.ndim == 2 and lab.shape[1] == 1:
+        return "Pass one label per sample: for a column of class ids of shape (N, 1) use y[:, 0] or y.squeeze(-1)."
+    if lab.ndim == 2:
+        return "Pass one label per sample: for one-hot labels or probabilities of shape (N, C) use y.argmax(-1)."
+    return "Pass one label per sample, shape (N,)."
+
+
+_BATCH_MEAN_HINT = "e.g. a loss with reduction='none'"
+
+
+def _value_hint(val: np.ndarray, batch_mean_hint: str) -> str:
+    if val.ndim == 0:
+        return f"Pass the per-sample metric, not a batch mean ({batch_mean_hint})."
+    if val.ndim == 2 and val.shape[1] == 1:
+        return "Pass one value per sample: for shape (N, 1) use v[:, 0] or v.squeeze(-1)."
+    return f"Pass the per-sample metric, one value per sample, shape (N,) ({batch_mean_hint})."
 
 
 def _normalise_labels(lab: np.ndarray) -> tuple[np.ndarray, str]:
@@ -256,6 +317,7 @@ class GroupedStats:
         self._count = np.zeros(cap, dtype=np.int64)
         self._mean = np.zeros(cap)
         self._m2 = np.zeros(cap)
+        self._scale = np.ones(cap)  # M2 = _m2 * _scale**2 (a power of two; 1 unless values are extreme)
         self._min = np.full(cap, np.inf)
         self._max = np.full(cap, -np.inf)
         self._nonfinite = np.zeros(cap, dtype=np.int64)
@@ -277,7 +339,7 @@ class GroupedStats:
         self._flush()
         state = self.__dict__.copy()
         n = len(self._labels)
-        for key in ("_count", "_mean", "_m2", "_min", "_max", "_nonfinite"):
+        for key in ("_count", "_mean", "_m2", "_scale", "_min", "_max", "_nonfinite"):
             state[key] = state[key][:n].copy()
         for key in ("_lbuf", "_vbuf", "_sbuf", "_work"):
             del state[key]
@@ -285,6 +347,8 @@ class GroupedStats:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "_scale" not in state:  # pickled before the scale existed
+            self._scale = np.ones(len(self._m2))
         self._lbuf = np.empty(_CHUNK, dtype=np.int64)
         self._vbuf = np.empty(_CHUNK, dtype=np.float64)
         self._sbuf = np.empty(_CHUNK, dtype=np.int64)
@@ -303,8 +367,8 @@ class GroupedStats:
         lab = labels if type(labels) is np.ndarray else to_numpy(labels, "labels")
         val = values if type(values) is np.ndarray else to_numpy(values, "values")
         if lab.ndim != 1 or val.ndim != 1:
-            _check_1d(lab, "labels", "Pass one label per sample (for one-hot labels use y.argmax(-1)).")
-            _check_1d(val, "values", "Pass the per-sample metric, not a batch mean (e.g. a loss with reduction='none').")
+            _check_1d(lab, "labels", _label_hint(lab))
+            _check_1d(val, "values", _value_hint(val, _BATCH_MEAN_HINT))
         n = lab.shape[0]
         if n != val.shape[0]:
             raise InputShapeError(f"labels and values must have the same length, got {n} labels and {val.shape[0]} values")
@@ -384,7 +448,8 @@ class GroupedStats:
         if n <= cap:
             return
         new = max(n, 2 * cap)
-        for name, fill in (("_count", 0), ("_mean", 0.0), ("_m2", 0.0), ("_min", np.inf), ("_max", -np.inf), ("_nonfinite", 0)):
+        for name, fill in (("_count", 0), ("_mean", 0.0), ("_m2", 0.0), ("_scale", 1.0), ("_min", np.inf), ("_max", -np.inf),
+                           ("_nonfinite", 0)):
             old = getattr(self, name)
             arr = np.full(new, fill, dtype=old.dtype)
             arr[:cap] = old
@@ -432,12 +497,16 @@ class GroupedStats:
             ref[new] = pick[new]
         dev, sq = self._scratch(len(val))
         np.take(ref, slots, out=dev)
-        np.subtract(val, dev, out=dev)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.subtract(val, dev, out=dev)
+        np.minimum.at(self._min, slots, val)
+        np.maximum.at(self._max, slots, val)
+        if not np.abs(dev).max() < _BIG:  # extreme values (or an overflow to inf): scale first
+            self._absorb_scaled(slots, val, ref, cnt, k)
+            return
         np.multiply(dev, dev, out=sq)
         s1 = np.bincount(slots, weights=dev, minlength=k)
         s2 = np.bincount(slots, weights=sq, minlength=k)
-        np.minimum.at(self._min, slots, val)
-        np.maximum.at(self._max, slots, val)
         idx = np.flatnonzero(cnt)
         nb = cnt[idx]
         d1 = s1[idx]
@@ -445,13 +514,52 @@ class GroupedStats:
         m2_b = np.maximum(s2[idx] - d1 * d1 / nb, 0.0)
         self._combine(idx, nb, mean_b, m2_b)
 
-    def _combine(self, idx: np.ndarray, nb: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
-        """Chan et al.'s parallel update of the slots ``idx`` with another part's count/mean/M2."""
+    def _absorb_scaled(self, slots: np.ndarray, val: np.ndarray, ref: np.ndarray, cnt: np.ndarray, k: int) -> None:
+        """The chunk's count/mean/M2 per slot when deviations are too large to square: halve
+        before subtracting (no overflow: |x/2 - y/2| <= max float) and divide by a power-of-two
+        scale per slot before squaring, so M2 is kept as ``m2 * scale**2``."""
+        half = val * 0.5 - ref[slots] * 0.5
+        top = np.zeros(k)
+        np.maximum.at(top, slots, np.abs(half))
+        scale = _pow2(top)
+        u = half / scale[slots]  # |u| <= 1: true deviation = 2 * u * scale
+        s1 = np.bincount(slots, weights=u, minlength=k)
+        s2 = np.bincount(slots, weights=u * u, minlength=k)
+        idx = np.flatnonzero(cnt)
+        nb = cnt[idx]
+        d1 = s1[idx]
+        mean_b = (ref[idx] * 0.5 + (d1 / nb) * scale[idx]) * 2.0  # ref/2 + (mean - ref)/2 = mean/2: no overflow
+        m2_b = 4.0 * np.maximum(s2[idx] - d1 * d1 / nb, 0.0)
+        self._combine(idx, nb, mean_b, m2_b, scale[idx])
+
+    def _combine(self, idx: np.ndarray, nb: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray,
+                 scale_b: np.ndarray | None = None) -> None:
+        """Chan et al.'s parallel update of the slots ``idx`` with another part's count/mean/M2
+        (its M2 is ``m2_b * scale_b**2``; ``scale_b`` None means 1)."""
         na = self._count[idx]
         n = na + nb
-        delta = mean_b - self._mean[idx]
-        self._mean[idx] += delta * (nb / n)
-        self._m2[idx] += m2_b + delta * delta * (na * (nb / n))
+        mean_a = self._mean[idx]
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta = mean_b - mean_a
+            if scale_b is None and np.abs(delta).max() < _BIG and (self._scale[idx] == 1.0).all():
+                m2 = self._m2[idx] + m2_b + delta * delta * (na * (nb / n))
+                if np.isfinite(m2).all():
+                    self._mean[idx] = mean_a + delta * (nb / n)
+                    self._m2[idx] = m2
+                    self._count[idx] = n
+                    return
+            # extreme values: the same formula on scaled quantities (halved before subtracting)
+            scale_a = self._scale[idx]
+            scale_b = np.ones(len(idx)) if scale_b is None else scale_b
+            half = mean_b * 0.5 - mean_a * 0.5
+            scale = np.maximum(np.maximum(scale_a, scale_b), _pow2(np.abs(half)))
+            r = half / scale  # delta / scale = 2 r
+            m2 = self._m2[idx] * (scale_a / scale) ** 2 + m2_b * (scale_b / scale) ** 2 + 4.0 * r * r * (na * (nb / n))
+            step = mean_a + delta * (nb / n)
+            mean = np.where(np.isfinite(step), step, mean_a * (na / n) + mean_b * (nb / n))
+        self._mean[idx] = mean
+        self._m2[idx] = m2
+        self._scale[idx] = scale
         self._count[idx] = n
 
     # ------------------------------------------------------------ merge/result
@@ -476,7 +584,7 @@ class GroupedStats:
         np.minimum.at(self._min, slots, other._min[:k])
         np.maximum.at(self._max, slots, other._max[:k])
         has = other._count[:k] > 0
-        self._combine(slots[has], other._count[:k][has], other._mean[:k][has], other._m2[:k][has])
+        self._combine(slots[has], other._count[:k][has], other._mean[:k][has], other._m2[:k][has], other._scale[:k][has])
         return self
 
     def synced(self, group: Any = None) -> "GroupedStats":
@@ -519,11 +627,16 @@ class GroupedStats:
                 labels = np.array(self._labels, dtype=object)
         else:
             labels = np.array(self._labels, dtype=np.int64)
-        order = np.argsort(labels, kind="stable")
+        order = _natural_order(self._labels) if self._kind == "str" else np.argsort(labels, kind="stable")
         count = self._count[:k][order]
         m2 = self._m2[:k][order]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            std = np.where(count > 1, np.sqrt(m2 / np.maximum(count - 1, 1)), np.where(count == 1, 0.0, np.nan))
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            std = np.sqrt(m2 / np.maximum(count - 1, 1)) * self._scale[:k][order]
+            std = np.where(count > 1, std, np.where(count == 1, 0.0, np.nan))
+        huge = np.isinf(std)
+        if huge.any():  # every value is finite but the spread is beyond float range: inf, not a made-up number
+            logger.warning("GroupedStats: the std of %d label(s) (e.g. %r) is beyond float range (> %.3g); reported as inf",
+                           int(huge.sum()), labels[order][huge][:1].tolist()[0], np.finfo(float).max)
         seen = count > 0
         return StatsTable(
             labels=labels[order].astype(bool) if self._kind == "bool" else labels[order],

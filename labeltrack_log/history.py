@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from .grouping import StatsTable
+from .grouping import StatsTable, natural_key  # natural_key: defined once, in the core
 
 __all__ = ["StatsHistory", "DenseHistory", "natural_key", "FILE_COLUMNS"]
 
@@ -28,16 +29,9 @@ __all__ = ["StatsHistory", "DenseHistory", "natural_key", "FILE_COLUMNS"]
 FILE_COLUMNS = ("wall_time", "name", "mode", "step", "label", "label_name", "count", "mean", "std", "min", "max", "nonfinite")
 _REQUIRED = ("name", "mode", "step", "label", "count", "mean", "std", "min", "max")
 _INT_TEXT = re.compile(r"[+-]?\d+")
-_DIGITS = re.compile(r"(\d+)")
 DEFAULT_MAX_STEPS = 256
 
-
-def natural_key(label: Any) -> tuple:
-    """Sort key for labels: ints numerically, strings digit-aware (``c2`` before ``c10``)."""
-    if isinstance(label, (int, float, np.integer, np.floating, np.bool_)):
-        return (0, label.item() if isinstance(label, np.generic) else label, ())
-    parts = _DIGITS.split(str(label))
-    return (1, 0, tuple((0, int(p), "") if i % 2 else (1, 0, p) for i, p in enumerate(parts)))
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -280,47 +274,75 @@ class StatsHistory:
             return cls.from_jsonl(path, max_steps)
         if suffix == ".csv":
             return cls.from_csv(path, max_steps)
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:  # a binary file fails below, naming its line
             head = fh.read(4096).lstrip()
         return (cls.from_jsonl if head.startswith("{") else cls.from_csv)(path, max_steps)
 
     @classmethod
     def from_csv(cls, path: str | Path, max_steps: int = DEFAULT_MAX_STEPS) -> "StatsHistory":
-        """Load the rows a CSVSink wrote (header row, NaN as ``nan``). See :meth:`from_file`."""
+        """Load the rows a CSVSink wrote (header row, NaN as ``nan``). See :meth:`from_file`.
+
+        A torn row (a full disk cut a line short: a wrong number of fields, or a last line
+        without its newline) is skipped with a warning naming the line; the rest is read."""
         path = Path(path)
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            missing = [c for c in _REQUIRED if c not in header]
-            if missing:
-                raise ValueError(f"{path}: expected CSV columns {list(FILE_COLUMNS)}, got {header} (missing {missing})")
-            rows = ((reader.line_num, row) for row in reader)
-            return cls._from_rows(path, rows, max_steps)
+        torn_tail = _torn_tail(path)
+        limit = csv.field_size_limit()
+        # a field can be as long as the file (a 200 kB label our own sink wrote): never refuse it
+        csv.field_size_limit(max(limit, min(path.stat().st_size + 1, 2**31 - 1)))
+        try:
+            with path.open(newline="", encoding="utf-8", errors="strict") as fh:
+                reader = csv.reader(fh)
+                try:
+                    header = next(reader, [])
+                    missing = [c for c in _REQUIRED if c not in header]
+                    if missing:
+                        raise ValueError(f"{path}: expected CSV columns {list(FILE_COLUMNS)}, got {header} (missing {missing})")
+                    return cls._from_rows(path, _csv_rows(path, reader, header, torn_tail), max_steps)
+                except csv.Error as err:
+                    raise ValueError(f"{path}:{reader.line_num}: expected CSV rows, got an error: {err}") from None
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}: expected UTF-8 text, got byte {err.object[err.start:err.start + 1]!r} "
+                                     f"at byte offset {err.start} of a read block") from None
+        finally:
+            csv.field_size_limit(limit)
 
     @classmethod
     def from_jsonl(cls, path: str | Path, max_steps: int = DEFAULT_MAX_STEPS) -> "StatsHistory":
-        """Load the rows a JSONLSink wrote (one object per line, NaN as null). See :meth:`from_file`."""
+        """Load the rows a JSONLSink wrote (one object per line, NaN as null). See :meth:`from_file`.
+
+        A torn last line (no newline at its end: a full disk cut it short) is skipped with a
+        warning naming the line; the rest is read. Invalid JSON elsewhere is an error."""
         path = Path(path)
+        torn_tail = _torn_tail(path)
 
         def rows() -> Iterator[tuple[int, Mapping[str, Any]]]:
             with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(
-                            f"{path}:{lineno}: expected one JSON object per line, got invalid JSON ({err})"
-                        ) from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                    missing = [c for c in _REQUIRED if c not in row]
-                    if missing:
-                        raise ValueError(
-                            f"{path}:{lineno}: expected keys {list(FILE_COLUMNS)}, got {sorted(row)} (missing {missing})"
-                        )
-                    yield lineno, row
+                lineno = 0
+                try:
+                    for lineno, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        if torn_tail and not line.endswith("\n"):
+                            logger.warning("%s:%d: skipped a torn last line (no newline at its end: the write was cut "
+                                           "short, e.g. by a full disk); read everything before it", path, lineno)
+                            continue
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as err:
+                            raise ValueError(
+                                f"{path}:{lineno}: expected one JSON object per line, got invalid JSON at column {err.colno} ({err.msg})"
+                            ) from None
+                        if not isinstance(row, dict):
+                            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                        missing = [c for c in _REQUIRED if c not in row]
+                        if missing:
+                            raise ValueError(
+                                f"{path}:{lineno}: expected keys {list(FILE_COLUMNS)}, got {sorted(row)} (missing {missing})"
+                            )
+                        yield lineno, row
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{lineno + 1}: expected UTF-8 text, got byte "
+                                     f"{err.object[err.start:err.start + 1]!r}") from None
 
         return cls._from_rows(path, rows(), max_steps, typed=True)
 
@@ -368,6 +390,44 @@ def _label_kind(table: StatsTable) -> str | None:
     return "string" if table.labels.dtype.kind in "USO" else "number"
 
 
+def _torn_tail(path: Path) -> bool:
+    """Whether the file's last line lacks its newline (every line our sinks write ends with one)."""
+    with path.open("rb") as fh:
+        fh.seek(0, 2)
+        if fh.tell() == 0:
+            return False
+        fh.seek(-1, 2)
+        return fh.read(1) != b"\n"
+
+
+def _csv_rows(path: Path, reader: Any, header: list[str], torn_tail: bool) -> Iterator[tuple[int, dict[str, str]]]:
+    """The CSV records as (line, row) with torn ones skipped (a warning names the line)."""
+    previous: tuple[int, list[str]] | None = None
+    for fields in reader:
+        if previous is not None:
+            yield from _csv_row(path, previous, header)
+        previous = (reader.line_num, fields)
+    if previous is not None:
+        if torn_tail:
+            logger.warning("%s:%d: skipped a torn last row (no newline at its end: the write was cut short, e.g. by a "
+                           "full disk); read everything before it", path, previous[0])
+        else:
+            yield from _csv_row(path, previous, header)
+
+
+def _csv_row(path: Path, record: tuple[int, list[str]], header: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    lineno, fields = record
+    if not fields:
+        return  # a blank line
+    if fields == header:
+        return  # a header repeated further down (two writers that each started the file, before sinks were shared)
+    if len(fields) != len(header):
+        logger.warning("%s:%d: skipped a torn row (%d fields, expected %d: the write was cut short, e.g. by a full "
+                       "disk); read the rows around it", path, lineno, len(fields), len(header))
+        return
+    yield lineno, dict(zip(header, fields))
+
+
 def _to_float(value: Any, column: str, where: str) -> float:
     if value is None or value == "":
         return math.nan
@@ -381,11 +441,19 @@ def _to_int(value: Any, column: str, where: str, default: int | None = None) -> 
     if (value is None or value == "") and default is not None:
         return default
     try:
-        number = float(value)
-        if not number.is_integer():
-            raise ValueError
-        return int(number)
-    except (TypeError, ValueError, OverflowError):
+        number = int(value) if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()) else float(value)
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ValueError
+            number = int(number)
+        if not -(2**63) <= number < 2**63:
+            raise ValueError(f"{where}: column '{column}': expected an integer in int64 range, got {value!r}")
+        return number
+    except ValueError as err:
+        if str(err).startswith(where):
+            raise
+        raise ValueError(f"{where}: column '{column}': expected an integer, got {value!r}") from None
+    except (TypeError, OverflowError):
         raise ValueError(f"{where}: column '{column}': expected an integer, got {value!r}") from None
 
 

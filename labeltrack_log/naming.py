@@ -4,7 +4,7 @@ Names are data, not paths: a label called ``../x``, ``a/b``, ``C:\\x`` or ``$\\m
 escape a directory, split a tag, or be rejected by a backend. Every component goes through
 :func:`component`, which keeps allowed characters, replaces the others with ``_`` and, when it had
 to change anything, appends a short hash of the original so two different labels never collide
-(``a/b`` -> ``a_b-3f2a1c``, while a label that is literally ``a_b`` stays ``a_b``).
+(``a/b`` -> ``a_b-3ec69c``, while a label that is literally ``a_b`` stays ``a_b``).
 
 Schemes (``name`` = tracked quantity such as ``ce_by_y``, ``mode`` = ``train``/``eval``/...):
 
@@ -20,7 +20,13 @@ table file             ``<name>_<mode>_step<step>.csv``                ASCII ``[
 =====================  ==============================================  ========================
 
 Aggregates across labels use the reserved label component :data:`SUMMARY` (a real label that
-happens to be called ``_summary`` is hashed like any other changed name).
+happens to be called ``_summary`` is hashed like any other changed name, and :data:`SUMMARY` is
+told apart by its type, not its text, so no label can land on it).
+
+A hash keeps collisions rare, not impossible (60 characters plus 24 bits: 20,000 long file paths
+sharing a prefix give about a dozen pairs). Sinks therefore take each label's component from
+:meth:`labeltrack_log.sinks.Sink.label_parts`, which checks every part it hands out within a run
+and suffixes a clash (``-2``, ``-3``, ...), so keys and tags are distinct for any number of labels.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ __all__ = [
     "STATS",
     "component",
     "label_text",
+    "visible",
     "tb_tag",
+    "tb_tag_of_part",
+    "mlflow_key_of_part",
     "tb_item_tag",
     "mlflow_key",
     "image_key",
@@ -44,10 +53,17 @@ __all__ = [
     "figure_name",
 ]
 
-SUMMARY = "_summary"
+class _Reserved(str):
+    """A reserved component (the aggregates' :data:`SUMMARY`): told apart from a label's text by
+    its type, so a label whose text is literally ``_summary`` is still an ordinary label."""
+
+    __slots__ = ()
+
+
+SUMMARY = _Reserved("_summary")
 STATS = ("mean", "std", "min", "max", "count")
 
-_TAG = re.compile(r"[^/\x00-\x1f]")  # TensorBoard: anything but the separator and control chars
+_TAG = re.compile(r"[^/\x00-\x1f\ud800-\udfff]")  # TensorBoard: anything but the separator, control chars, lone surrogates
 _MLFLOW = re.compile(r"[\w\-. :]")  # MLflow metric keys (\w is unicode)
 _ASCII = re.compile(r"[A-Za-z0-9_\-. ]")  # MLflow image keys
 _FILE = re.compile(r"[A-Za-z0-9_\-.]")  # file names on every OS
@@ -79,23 +95,59 @@ def component(text: Any, kind: str = "mlflow") -> str:
     return f"{safe[:_MAX_LEN] or '_'}-{_digest(text)}"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every lone surrogate written as ``\udcXX``, so it can be encoded as UTF-8.
+
+    Lone surrogates come from ``os.listdir``/``os.fsdecode`` of file names that are not valid
+    UTF-8 (``b"caf\xe9"`` -> ``"caf\udce9"``); no file, tag or key can hold them. Other text is
+    returned as is (the same object).
+
+    Example:
+        >>> print(visible("caf\udce9"), visible("café"))
+        caf\udce9 café
+    """
+    if not _SURROGATE.search(text):
+        return text
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def label_text(label: Any, names: Mapping[Any, str] | None = None) -> str:
-    """The display text of a label: its name from ``names`` (value -> display name) if any."""
+    """The display text of a label: its name from ``names`` (value -> display name) if any.
+
+    Always encodable: lone surrogates are written visibly (see :func:`visible`); where that makes
+    two labels' texts equal, :meth:`labeltrack_log.sinks.Sink.label_texts` tells them apart."""
     if names:
         try:
             shown = names.get(label)
         except TypeError:
             shown = None
         if shown is not None:
-            return str(shown)
+            return visible(str(shown))
     if isinstance(label, float) and label.is_integer():
         label = int(label)
-    return str(label)
+    return visible(str(label))
+
+
+def _label_part(label: str, kind: str) -> str:
+    return label if isinstance(label, _Reserved) else component(label, kind)
 
 
 def tb_tag(name: str, label: str, stat: str) -> str:
-    """TensorBoard scalar tag: one Scalars-tab section per tracked ``name``."""
-    return f"{component(name, 'tag')}/{label if label == SUMMARY else component(label, 'tag')}/{stat}"
+    """TensorBoard scalar tag: one Scalars-tab section per tracked ``name``.
+
+    ``label`` is a label's text, or :data:`SUMMARY` for the aggregates (a label whose text is
+    ``"_summary"`` is hashed like any changed name: it never lands on the aggregates' tags).
+    Sinks build their tags from :meth:`~labeltrack_log.sinks.Sink.label_parts` with
+    :func:`tb_tag_of_part` instead, which are also checked to be distinct."""
+    return tb_tag_of_part(name, _label_part(label, "tag"), stat)
+
+
+def tb_tag_of_part(name: str, part: str, stat: str) -> str:
+    """TensorBoard scalar tag from a label part that is already safe (see :func:`tb_tag`)."""
+    return f"{component(name, 'tag')}/{part}/{stat}"
 
 
 def tb_item_tag(name: str, item: str) -> str:
@@ -104,9 +156,13 @@ def tb_item_tag(name: str, item: str) -> str:
 
 
 def mlflow_key(name: str, mode: str, label: str, stat: str) -> str:
-    """MLflow metric key for one label (or :data:`SUMMARY`) and statistic."""
-    lab = label if label == SUMMARY else component(label, "mlflow")
-    return f"{component(name)}/{component(mode)}/{lab}/{component(stat)}"
+    """MLflow metric key for one label's text (or :data:`SUMMARY`) and statistic (see :func:`tb_tag`)."""
+    return mlflow_key_of_part(name, mode, _label_part(label, "mlflow"), stat)
+
+
+def mlflow_key_of_part(name: str, mode: str, part: str, stat: str) -> str:
+    """MLflow metric key from a label part that is already safe (see :func:`mlflow_key`)."""
+    return f"{component(name)}/{component(mode)}/{part}/{component(stat)}"
 
 
 def image_key(name: str, mode: str, figure: str) -> str:

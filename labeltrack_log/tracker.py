@@ -23,13 +23,15 @@ from .figures import BOUNDS, BandFigure
 from .grouping import GroupedStats, StatsTable
 from .history import DEFAULT_MAX_STEPS, StatsHistory
 from .naming import figure_name
-from .sinks import Sink, make_sinks
+from .run import Run
+from .sinks import Sink, exit_status
 
 __all__ = ["Tracker"]
 
 logger = logging.getLogger(__name__)
 
 _TRANSIENT = ("_sinks", "_failed", "_renderers")  # never pickled: open sinks and figures
+_LIVE = (*_TRANSIENT, "_sink_config", "_run", "_run_default")  # kept by a live tracker's __setstate__
 
 
 class Tracker:
@@ -41,8 +43,16 @@ class Tracker:
     the sinks. A sink that raises is logged once (with traceback) and skipped from then on; the
     other sinks still get everything.
 
+    Trackers attach to a :class:`~labeltrack_log.Run` (``run=``; one of its own when none is given).
+    Within one process, trackers whose sink configurations name the same destination share one
+    sink (one MLflow run, one TensorBoard run directory and layout, one file with one header); a
+    Sink instance given to several trackers is shared too. A shared sink closes when its last
+    user closes. Used as a ``with`` block, the tracker closes with the block's status (an
+    exception: FAILED, Ctrl-C: KILLED, a clean exit or ``sys.exit(0)``: FINISHED).
+
     The tracker pickles without its sinks (and figures); the copy reopens them from their
-    configuration when next used and does not send a step again that was already sent.
+    configuration when something is next logged and does not send a step again that was already
+    sent. Reading :attr:`sinks` never opens anything.
     :meth:`reset` starts a new run. Figures are redrawn in place (one per mode and bound): a sink
     gets the figure for the duration of its ``log_figure`` call, as the Sink contract says.
 
@@ -50,8 +60,9 @@ class Tracker:
         name: Name of the tracked quantity (e.g. ``"ce_by_y"``); used in every tag, key and file.
         sinks: Anything :func:`labeltrack_log.sinks.make_sinks` accepts (``"tensorboard"``,
             ``["tensorboard", "mlflow"]``, dicts with options, Sink instances, a .toml/.json
-            path); None: the ``LABELTRACK_SINKS`` environment variable, else no sinks. Built now,
-            so a bad configuration fails before training.
+            path); None: the ``run``'s sinks if a run is given, else the ``LABELTRACK_SINKS``
+            environment variable, else no sinks. Built now (or shared with an open sink of the same
+            destination), so a bad configuration fails before training.
         label_names: Label value -> display name, handed to the sinks and the figures. None keeps
             the names the sinks were configured with.
         labels: Report only these label values (others are accumulated but never reported);
@@ -69,6 +80,7 @@ class Tracker:
             :attr:`history` is global on every rank; only rank 0 of the group builds sinks (the
             other ranks write nothing: no files, runs, spools or child processes), so create the
             tracker after ``init_process_group``. torch is never imported for ``"auto"``.
+        run: The :class:`~labeltrack_log.Run` to attach to; None: a run of its own.
 
     Attributes:
         name: the tracked name.
@@ -102,6 +114,7 @@ class Tracker:
                  figures: str | int | None = "end",
                  bounds: str | Iterable[str] = ("std",),
                  max_steps: int = DEFAULT_MAX_STEPS,
+                 run: Run | None = None,
                  sync: Any = "auto") -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name: expected a non-empty string, got {name!r}")
@@ -113,6 +126,8 @@ class Tracker:
         bad = [b for b in bounds if b not in BOUNDS]
         if bad:
             raise ConfigError(f"bounds: expected some of {list(BOUNDS)}, got {bad}")
+        if run is not None and not isinstance(run, Run):
+            raise ConfigError(f"run: expected a labeltrack_log.Run or None, got {type(run).__name__} {run!r}")
         try:
             self.history = StatsHistory(max_steps=max_steps)
         except ValueError as err:
@@ -130,11 +145,16 @@ class Tracker:
         self._drawn: dict[str, int] = {}  # mode -> last step with figures
         self._epochs: dict[str, int] = {}  # mode -> epochs sent (the every-N schedule without ``epoch=``)
         self._renderers: dict[tuple[str, str], BandFigure] = {}
+        self._replay: set[str] = set()  # modes restored by __setstate__: their next repeated step is a re-run
+        self._warned: set[str] = set()  # modes warned about a step that does not increase
         self._sink_config = sinks
+        self._run_default = run is not None and sinks is None  # use the run's own sinks
+        self._run = run if run is not None else Run([])
         self._sinks: list[Sink] | None = None
         self._failed: list[Sink] = []
         self._sync = sync
-        self._open(make_sinks(sinks) if self._writes() else [])
+        self._run._attach(self)
+        self._open(self._run._sinks_for(sinks, default=self._run_default) if self._writes() else [])
 
     @property
     def figures(self) -> str | int | None:
@@ -150,11 +170,15 @@ class Tracker:
 
     @property
     def sinks(self) -> list[Sink]:
-        """The sinks in use: a sink that raised is dropped; after :meth:`close` or unpickling they
-        are reopened from the configuration on first use (closed Sink instances cannot be)."""
-        if self._sinks is None:
-            self._reopen()
-        return self._sinks  # type: ignore[return-value]
+        """The sinks in use (a sink that raised is dropped); empty after :meth:`close` or unpickling
+        until something is logged, which reopens them from the configuration (closed Sink
+        instances cannot be). Reading this never opens anything."""
+        return list(self._sinks or [])
+
+    @property
+    def run(self) -> Run:
+        """The :class:`~labeltrack_log.Run` this tracker is attached to."""
+        return self._run
 
     # ------------------------------------------------------------------ tracking
     def update(self, labels: Any, values: Any, mode: str = "train") -> None:
@@ -179,8 +203,9 @@ class Tracker:
 
         Each mode's accumulator is computed and reset. Its table (restricted to :attr:`labels`)
         is appended to :attr:`history` and sent to every sink, then the sinks are flushed and
-        band figures are sent when due. A mode whose ``step`` is not above the last step it sent
-        (e.g. the epoch a framework re-runs after a restore) is not sent again.
+        band figures are sent when due. A mode whose ``step`` is not above the last step it sent is
+        not sent again: the epoch a framework re-runs after a restore quietly (INFO), any other
+        with a WARNING (once per mode) saying to pass a step that increases, e.g. the global step.
 
         Args:
             step: The step the tables are logged at (e.g. the global training step).
@@ -198,6 +223,8 @@ class Tracker:
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise InputTypeError(f"step: expected a non-negative int, got {type(step).__name__} {step!r}")
+        if step >= 2**63:
+            raise InputTypeError(f"step: expected an int below 2**63 (int64, as TensorBoard and MLflow store it), got {step!r}")
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer))):
             raise InputTypeError(f"epoch: expected an int or None, got {type(epoch).__name__} {epoch!r}")
         step = int(step)
@@ -213,8 +240,20 @@ class Tracker:
             if stats is None:
                 continue
             table = tables[mode] = self._restrict(stats.compute())
-            if step <= self._logged.get(mode, step - 1):
-                logger.info("%s: %s step %d was already logged; not sending it again", self.name, mode, step)
+            last = self._logged.get(mode, step - 1)
+            replay = mode in self._replay
+            self._replay.discard(mode)
+            if step <= last:
+                if replay and step == last:  # the epoch a framework re-runs after restoring its state
+                    logger.info("%s: %s step %d was already logged; not sending it again", self.name, mode, step)
+                elif mode not in self._warned:
+                    self._warned.add(mode)
+                    logger.warning("%s: %s step %d is not above the last step logged (%d), so this epoch and any "
+                                   "other whose step does not increase are not logged. Pass end_epoch(step=...) a "
+                                   "step that increases every epoch, e.g. the global step (batches trained so far), "
+                                   "not a constant or the batch index", self.name, mode, step, last)
+                else:
+                    logger.info("%s: %s step %d is not above %d; not logged", self.name, mode, step, last)
                 continue
             self._logged[mode] = step
             self._epochs[mode] = self._epochs.get(mode, 0) + 1
@@ -232,25 +271,42 @@ class Tracker:
         """Start a new run: forget the epochs in progress, the history and the steps sent."""
         self.history = StatsHistory(max_steps=self.history.max_steps)
         self._stats, self._logged, self._drawn, self._epochs = {}, {}, {}, {}
+        self._replay, self._warned = set(), set()
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
         """Send the figures of the last step (unless ``figures`` is None or they were sent) and
-        close the sinks. Safe to call more than once; a later use reopens the sinks."""
+        give the sinks back (a shared sink closes with its last user). Safe to call more than
+        once; logging again reopens the sinks.
+
+        Args:
+            status: How training ended, for sinks that record it (MLflow's run status):
+                ``"FINISHED"``, ``"FAILED"``, ``"KILLED"`` or None (FINISHED). ``with Tracker(...)``
+                passes the status of the block (see :func:`labeltrack_log.sinks.exit_status`).
+        """
         if self._figures is not None:
             for mode, step in list(self._logged.items()):
                 if self._drawn.get(mode) != step:
                     self._draw(mode)
-        self._close_sinks()
+        self._close_sinks(status)
         self._renderers = {}
 
     def __enter__(self) -> "Tracker":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(exit_status(exc_type, exc))
 
     def __repr__(self) -> str:
         return f"Tracker({self.name!r}, figures={self._figures!r}, bounds={self.bounds!r})"
+
+    def _join(self, run: Run) -> None:
+        """Attach to ``run`` from now on (the FastEstimator trace: the Estimator's run). Open sinks
+        stay as they are; sinks reopened later are shared through ``run`` with its option defaults."""
+        if run is self._run:
+            return
+        self._run._detach(self)
+        self._run, self._run_default = run, False
+        run._attach(self)
 
     # ------------------------------------------------------------------ helpers
     def _synced_epoch(self, names: list[str], step: int) -> tuple[list[str], int, dict[str, GroupedStats] | None]:
@@ -287,7 +343,9 @@ class Tracker:
     def _draw(self, mode: str) -> None:
         """Render one band figure per bound for ``mode`` and hand it to every sink."""
         step = self._drawn[mode] = self._logged[mode]
-        if not self.sinks:
+        if self._sinks is None:
+            self._reopen()
+        if not self._sinks:
             return
         for bound in self.bounds:
             try:
@@ -307,12 +365,23 @@ class Tracker:
         self._sinks, self._failed = sinks, []
         if self.label_names is not None:  # else keep whatever names the sinks were configured with
             for sink in list(sinks):
-                self._call(sink, "set_label_names", self.label_names)
+                names = getattr(sink, "label_names", None)
+                if not names:
+                    self._call(sink, "set_label_names", self.label_names)
+                    continue
+                clash = {lab: (names[lab], text) for lab, text in self.label_names.items()
+                         if lab in names and names[lab] != text}
+                if clash:  # a sink shared with a tracker that names these labels otherwise
+                    logger.warning("%s: sink %r is shared with another tracker that names labels differently "
+                                   "(label: (kept, this tracker's)) %s; the names it has are kept", self.name, sink, clash)
+                if any(lab not in names for lab in self.label_names):
+                    self._call(sink, "set_label_names", {**self.label_names, **names})
 
     def _reopen(self) -> None:
-        """Rebuild the sinks from the configuration (after unpickling, or after :meth:`close`)."""
+        """Reopen the sinks from the configuration (after unpickling, or after :meth:`close`), shared
+        with any open sink of the same destination."""
         try:
-            sinks = make_sinks(self._sink_config) if self._writes() else []
+            sinks = self._run._sinks_for(self._sink_config, default=self._run_default) if self._writes() else []
         except Exception:
             logger.error("%s: could not reopen the sinks from %r; continuing without sinks",
                          self.name, self._sink_config, exc_info=True)
@@ -321,10 +390,13 @@ class Tracker:
         if closed:
             logger.warning("%s: sink(s) %s were closed by an earlier close() and cannot be reopened; pass sink "
                            "names or dicts instead of instances to have them reopened", self.name, closed)
+            Run._release(closed, None)
         self._open([s for s in sinks if not s.closed])
 
     def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
-        for sink in list(self.sinks):
+        if self._sinks is None:
+            self._reopen()
+        for sink in list(self._sinks or []):
             self._call(sink, method, *args, **kwargs)
 
     def _call(self, sink: Sink, method: str, *args: Any, **kwargs: Any) -> None:
@@ -338,13 +410,18 @@ class Tracker:
                 self._sinks.remove(sink)
             self._failed.append(sink)
 
-    def _close_sinks(self) -> None:
-        """Close the open sinks (none are reopened for this) and release what failed ones hold."""
+    def _close_sinks(self, status: str | None = None) -> None:
+        """Give back the open sinks (none are reopened for this; a shared one closes with its last
+        user) and the failed ones."""
         for sink in list(self._sinks or []):
-            self._call(sink, "close")
+            try:
+                Run._release([sink], status)
+            except Exception:
+                logger.error("%s: sink %r failed in close(); it is skipped for the rest of training (other sinks "
+                             "continue)", self.name, sink, exc_info=True)
         for sink in self._failed:  # its error was already logged
             try:
-                sink.close()
+                Run._release([sink], status)
             except Exception:  # noqa: BLE001
                 logger.debug("closing failed sink %r raised again", sink, exc_info=True)
         self._sinks, self._failed = None, []
@@ -360,10 +437,16 @@ class Tracker:
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore ``state``. A live tracker (e.g. FastEstimator's ``System.load_state``) keeps its
         open sinks and sink configuration; an unpickled one reopens its sinks when next used."""
-        live = {key: self.__dict__[key] for key in (*_TRANSIENT, "_sink_config") if key in self.__dict__}
+        live = {key: self.__dict__[key] for key in _LIVE if key in self.__dict__}
         self.__dict__.update(state)
         self.__dict__.update(live)
         self.__dict__.setdefault("_sinks", None)
         self.__dict__.setdefault("_failed", [])
         self.__dict__.setdefault("_renderers", {})
         self.__dict__.setdefault("_sync", "auto")
+        self.__dict__.setdefault("_run_default", False)
+        self.__dict__.setdefault("_warned", set())
+        if "_run" not in self.__dict__:
+            self._run = Run([])
+        self._run._attach(self)
+        self._replay = set(self._logged)  # the next repeated step of these modes is a re-run epoch

@@ -21,6 +21,7 @@ from labeltrack_log import InputShapeError, InputTypeError, StatsHistory  # noqa
 from labeltrack_log.fastestimator import LabelTracker  # noqa: E402
 from labeltrack_log.sinks.files import CSVSink, ImageDirSink, JSONLSink  # noqa: E402
 from labeltrack_log.sinks.tensorboard import TensorBoardSink  # noqa: E402
+from tables import mode_dir  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 
 def run_epoch(tracker: LabelTracker, batches, step: int = 10) -> Data:
@@ -50,7 +51,7 @@ def csv_history(path: Path) -> StatsHistory:
         pytest.param(torch.tensor([0, 1, 1, 2]), torch.tensor([0.1, 0.2, 0.3]), InputShapeError,
                      "got 4 labels and 3 values", id="length-mismatch"),
         pytest.param(torch.tensor([0, 1, 1]), torch.tensor(0.7), InputShapeError,
-                     r"got a scalar \(0-d\)\. Pass the per-sample metric.*reduction='none'", id="scalar-metric"),
+                     r"got a scalar \(0-d\): a batch mean\. In FastEstimator.*average_loss=False", id="scalar-metric"),
         pytest.param(torch.tensor([0, 1]), torch.ones(2, 3), InputShapeError,
                      r"values: expected a 1-D array .* got shape \(2, 3\)", id="2d-values"),
         pytest.param(torch.tensor([0.5, 1.0]), torch.tensor([0.1, 0.2]), InputTypeError,
@@ -122,7 +123,7 @@ def test_hundred_thousand_distinct_labels(tmp_path: Path):
     assert table[probe].mean == pytest.approx(expected.mean()) and table[probe].std == pytest.approx(expected.std(ddof=1))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "runs" / "eval"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    acc = EventAccumulator(str(mode_dir(tmp_path / "runs", "eval")), size_guidance={"scalars": 0, "images": 0}).Reload()
     per_label = {t.split("/")[1] for t in acc.Tags()["scalars"] if "/_summary/" not in t}
     assert len(per_label) == 50  # the label budget, not 100,000 series
     assert acc.Scalars("ce_by_y/_summary/num_labels")[0].value == 100_000

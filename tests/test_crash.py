@@ -36,6 +36,7 @@ pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tables import mode_dir  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 from test_mlflow_outage import Rest  # noqa: E402
 
 from labeltrack_log.naming import SUMMARY, STATS, figure_name, mlflow_key, tb_item_tag, tb_tag  # noqa: E402
@@ -94,7 +95,8 @@ def crash_fit(tmp_path: Path, tracking_uri: str, experiment: str, spool_dir: Pat
     assert all(len(labels[mode]) >= 5 for mode in MODES)  # a multi-label check, not a one-label one
     spool = Spool(lines[0]["spool"])
     wait_for(lambda: spool.busy(), lambda busy: not busy, "the delivery process to finish", close_timeout + 60)
-    return Crash(tmp_path / "runs", spool.path, lines[0]["run_id"], steps, figure_steps, labels)
+    run_dir = mode_dir(tmp_path / "runs", "train").parent  # the training run's own TensorBoard run directory
+    return Crash(run_dir, spool.path, lines[0]["run_id"], steps, figure_steps, labels)
 
 
 # ------------------------------------------------------------------- TensorBoard

@@ -25,6 +25,7 @@ from test_fe_parity import assert_same_summaries  # noqa: E402
 from labeltrack_log.fastestimator import LabelTracker  # noqa: E402
 from labeltrack_log.naming import SUMMARY, figure_name, mlflow_key, tb_item_tag, tb_tag  # noqa: E402
 from labeltrack_log.sinks import Sink  # noqa: E402
+from tables import mode_dir  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 import fe_torch_digits  # noqa: E402
@@ -54,7 +55,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def check_tensorboard(logdir: Path, history: dict, modes) -> None:
     names = sorted(history)
     for mode in modes:
-        acc = events(logdir / mode)
+        acc = events(mode_dir(logdir, mode))  # the fit's own run directory
         tags = acc.Tags()["scalars"]
         assert {t.split("/")[1] for t in tags if t.startswith(NAME + "/")} == {*names, SUMMARY}
         for label in names:

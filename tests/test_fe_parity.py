@@ -213,7 +213,7 @@ def test_batch_mean_metric_gets_a_clear_error():
     tracker = LabelTracker("y", "acc")
     tracker.system = sample_system_object()
     tracker.system.mode = "eval"
-    with pytest.raises(InputShapeError, match="per-sample metric, not a batch mean"):
+    with pytest.raises(InputShapeError, match="one value per sample, got a scalar .0-d.: a batch mean.*average_loss=False"):
         tracker.on_batch_end(Data({"y": torch.tensor([0, 1]), "acc": torch.tensor(0.5)}))
 
 

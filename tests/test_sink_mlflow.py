@@ -122,7 +122,7 @@ def test_values_and_steps_per_label_and_aggregates(mlflow_server, delivery):
 
 def test_keys_for_unicode_and_path_like_labels(mlflow_server):
     url = mlflow_server.url
-    labels = ["../x", "a/b", "a_b", "C:\\x", "$\\mu$", "标签", SUMMARY, "x" * 300]
+    labels = ["../x", "a/b", "a_b", "C:\\x", "$\\mu$", "标签", "_summary", "x" * 300]  # a label's text, not the reserved SUMMARY
     g = GroupedStats()
     g.update(labels * 2, np.arange(2 * len(labels), dtype=float))
     table = g.compute()

@@ -40,6 +40,7 @@ from labeltrack_log import ConfigError, GroupedStats, StatsTable  # noqa: E402
 from labeltrack_log.figures import figure_to_png  # noqa: E402
 from labeltrack_log.sinks import make_sinks  # noqa: E402
 from labeltrack_log.sinks.tensorboard import LAYOUT_TAG, TensorBoardSink, _FastRecordWriter, masked_crc32c  # noqa: E402
+from tables import mode_dir, shown_order  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS = ("mean", "std", "min", "max", "count", "mean-std", "mean+std")
@@ -167,30 +168,30 @@ def test_scalars_per_label_and_statistic_read_back(tb):
     texts = {0: "cat", 1: "dog", 2: "2", 3: "3", 4: "4"}
     tables = {1: table_of(1, range(5)), 2: table_of(2, range(5), nan_label=3), 3: table_of(3, range(5), all_nan_label=4)}
     eval_table = table_of(9, range(5))
-    with TensorBoardSink(logdir, label_names=names) as sink:
+    with TensorBoardSink(logdir, label_names=names, run_name="r") as sink:
         for step, t in tables.items():
             sink.log_stats(t, step=step, name="loss", mode="train")
         sink.log_stats(eval_table, step=2, name="loss", mode="eval")
 
     expected_tags = {f"loss/{texts[lab]}/{s}" for lab in range(5) for s in STATS}
     expected_tags |= {f"loss/_summary/{s}" for s in SUMMARY} | {"loss/3/nonfinite", "loss/4/nonfinite"}
-    tags = wait_for(lambda: get(tb, "/data/plugin/scalars/tags")["scalars/train"],
+    tags = wait_for(lambda: get(tb, "/data/plugin/scalars/tags")["scalars/r/train"],
                     lambda r: set(r) == expected_tags, "the train run's scalar tags")
     assert set(tags) == expected_tags  # no nonfinite series for labels that never had one
 
     for lab in (0, 1, 3, 4):
         for stat in STATS:
-            got = scalars(tb, "scalars/train", f"loss/{texts[lab]}/{stat}", [1, 2, 3])
+            got = scalars(tb, "scalars/r/train", f"loss/{texts[lab]}/{stat}", [1, 2, 3])
             for step, t in tables.items():
                 assert same(got[step], label_values(t, lab)[stat]), (lab, stat, step, got[step])
-    assert scalars(tb, "scalars/train", "loss/3/nonfinite", [2]) == {2: 3.0}
-    assert scalars(tb, "scalars/train", "loss/4/nonfinite", [3])[3] == f32(tables[3][4].nonfinite)
-    assert scalars(tb, "scalars/train", "loss/4/mean", [1, 2, 3])[3] == "NaN"  # only inf seen: no mean
+    assert scalars(tb, "scalars/r/train", "loss/3/nonfinite", [2]) == {2: 3.0}
+    assert scalars(tb, "scalars/r/train", "loss/4/nonfinite", [3])[3] == f32(tables[3][4].nonfinite)
+    assert scalars(tb, "scalars/r/train", "loss/4/mean", [1, 2, 3])[3] == "NaN"  # only inf seen: no mean
     for stat in SUMMARY:
-        got = scalars(tb, "scalars/train", f"loss/_summary/{stat}", [1, 2, 3])
+        got = scalars(tb, "scalars/r/train", f"loss/_summary/{stat}", [1, 2, 3])
         for step, t in tables.items():
             assert same(got[step], summary_values(t)[stat]), (stat, step)
-    got = scalars(tb, "scalars/eval", "loss/dog/mean", [2])
+    got = scalars(tb, "scalars/r/eval", "loss/dog/mean", [2])
     assert got[2] == f32(eval_table[1].mean) != f32(tables[2][1].mean)
 
 
@@ -200,7 +201,7 @@ def test_one_event_per_call_with_every_value(tmp_path):
         for step in range(3):
             sink.log_stats(t, step=step, name="ce", mode="train")
         sink.log_figure(small_figure(), step=2, name="ce", mode="train")
-    (path,) = event_files(tmp_path / "logs" / "train")
+    (path,) = event_files(mode_dir(tmp_path / "logs", "train"))
     assert "tfevents" in path.name and str(os.getpid()) in path.name
     events = read_records(path)
     assert events[0].file_version == "brain.Event:2"
@@ -222,7 +223,7 @@ def test_empty_table_and_shared_display_names(tmp_path):
     with TensorBoardSink(tmp_path / "logs", label_names={0: "cat", 1: "cat"}) as sink:
         sink.log_stats(StatsTable.empty(), step=0, name="none", mode="train")
         sink.log_stats(shared, step=1, name="dup", mode="train")
-    (path,) = event_files(tmp_path / "logs" / "train")
+    (path,) = event_files(mode_dir(tmp_path / "logs", "train"))
     empty, dup = (dict((v.tag, v.simple_value) for v in e.summary.value if v.tag != LAYOUT_TAG)
                   for e in read_records(path)[1:])
     assert empty["none/_summary/num_labels"] == 0 and np.isnan(empty["none/_summary/macro_mean"])
@@ -241,10 +242,32 @@ def test_fast_crc_equals_tensorboards(data):
     assert a.getvalue() == b.getvalue()
 
 
+def test_without_the_google_crc32c_wheel_the_fallback_gives_the_same_checksum(tmp_path):
+    """The wheel is optional: blocked, tensorboard's pure-Python CRC32C writes the same bytes."""
+    data = os.urandom(5000)
+    (tmp_path / "rec.bin").write_bytes(data)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["google_crc32c"] = None  # as if the wheel were not installed
+        from labeltrack_log.sinks import tensorboard as tb
+        assert tb._crc32c_c is None
+        data = open({str(tmp_path / "rec.bin")!r}, "rb").read()
+        print(tb.masked_crc32c(data), tb.masked_crc32c(b""))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert out.returncode == 0, out.stderr
+    from labeltrack_log.sinks import tensorboard as tb
+
+    assert tb._crc32c_c is not None  # this environment has the wheel: the C implementation is in use
+    assert out.stdout.split() == [str(masked_crc32c(data)), str(masked_crc32c(b""))]
+    assert masked_crc32c(data) == reference_crc(data)
+
+
 # ---------------------------------------------------------------------- custom scalars
 def test_custom_scalars_margin_charts(tb):
     logdir = tb.root / "layout"
-    with TensorBoardSink(logdir) as sink:
+    with TensorBoardSink(logdir, run_name="r") as sink:
         sink.log_stats(table_of(0, [0, 1]), step=0, name="margin", mode="train")
         sink.log_stats(table_of(1, [0, 1, 2]), step=1, name="margin", mode="train")  # new label: new layout
         sink.log_stats(table_of(2, [0, 1, 2]), step=2, name="margin", mode="train")
@@ -253,20 +276,23 @@ def test_custom_scalars_margin_charts(tb):
         cats = get(tb, "/data/plugin/custom_scalars/layout")["category"]
         return next((c for c in cats if c["title"] == "margin"), None)
 
-    cat = wait_for(category, lambda c: c is not None and len(c["chart"]) == 7, "the margin layout with 3 labels")
-    charts = {c["title"]: c["margin"]["series"] for c in cat["chart"]}
+    cat = wait_for(category, lambda c: c is not None and len(c["chart"]) == 8, "the margin layout with 3 labels")
+    charts = {c["title"]: c["margin"]["series"] for c in cat["chart"] if "margin" in c}
+    (overlay,) = [c["multiline"]["tag"] for c in cat["chart"] if "multiline" in c]
+    tags = ["margin/_summary/macro_mean", "margin/0/mean", "margin/1/mean", "margin/2/mean"]
+    assert overlay == [re.escape(tag) + "$" for tag in tags]  # regexes matched from the start: exact tags
     assert charts["2: mean ± std"] == [{"value": "margin/2/mean", "lower": "margin/2/mean-std", "upper": "margin/2/mean+std"}]
     assert charts["0: min..max"] == [{"value": "margin/0/mean", "lower": "margin/0/min", "upper": "margin/0/max"}]
     assert charts["all labels: macro mean, best..worst label mean"] == [
         {"value": "margin/_summary/macro_mean", "lower": "margin/_summary/best_mean", "upper": "margin/_summary/worst_mean"}]
     for series, steps in ((charts["0: mean ± std"][0], [0, 1, 2]), (charts["2: min..max"][0], [1, 2])):
         regex = "|".join(f"({re.escape(series[k])})" for k in ("value", "lower", "upper"))  # as the UI asks
-        got = wait_for(lambda: get(tb, "/data/plugin/custom_scalars/scalars", run="layout/train", tag=regex),
+        got = wait_for(lambda: get(tb, "/data/plugin/custom_scalars/scalars", run="layout/r/train", tag=regex),
                        lambda r: set(series.values()) <= set(r["tag_to_events"]), f"margin series {series}")
         assert got["regex_valid"]
         step_lists = {tag: [e[1] for e in got["tag_to_events"][tag]] for tag in series.values()}
         assert all(s == steps for s in step_lists.values()), step_lists  # identical steps: no mismatch warning
-    (path,) = event_files(logdir / "train")
+    (path,) = event_files(logdir / "r" / "train")
     assert [e.step for e in read_records(path) if any(v.tag == LAYOUT_TAG for v in e.summary.value)] == [0, 1]
 
 
@@ -274,10 +300,10 @@ def test_custom_scalars_margin_charts(tb):
 def test_figure_in_images_tab(tb):
     logdir = tb.root / "images"
     fig = small_figure(200, 150)
-    with TensorBoardSink(logdir) as sink:
+    with TensorBoardSink(logdir, run_name="r") as sink:
         sink.log_figure(fig, step=1, name="band", mode="eval")
         sink.log_figure(fig, step=3, name="band", mode="eval")
-    entries = wait_for(lambda: get(tb, "/data/plugin/images/images", run="images/eval", tag="band/figure", sample=0),
+    entries = wait_for(lambda: get(tb, "/data/plugin/images/images", run="images/r/eval", tag="band/figure", sample=0),
                        lambda r: len(r) == 2, "two images")
     assert [e["step"] for e in entries] == [1, 3]
     png = get(tb, "/data/plugin/images/individualImage?" + entries[1]["query"], raw=True)
@@ -295,24 +321,24 @@ def test_label_budget_keeps_preferred_labels_and_writes_table(tb):
     names = {7: "seven", 2: "two", 9: "nine", 0: "zero"}  # order = preference
     tables = [table_of(s, range(10)) for s in (10, 11)]
     small = table_of(12, range(3))
-    with TensorBoardSink(logdir, label_budget=3, label_names=names) as sink:
+    with TensorBoardSink(logdir, label_budget=3, label_names=names, run_name="r") as sink:
         for step, t in enumerate(tables):
             sink.log_stats(t, step=step, name="wide", mode="train")
         sink.log_stats(small, step=0, name="narrow", mode="train")
 
-    tags = wait_for(lambda: get(tb, "/data/plugin/scalars/tags")["budget/train"],
+    tags = wait_for(lambda: get(tb, "/data/plugin/scalars/tags")["budget/r/train"],
                     lambda r: any(t.startswith("narrow/") for t in r), "budget run tags")
     wide_labels = {t.split("/")[1] for t in tags if t.startswith("wide/")}
     assert wide_labels == {"seven", "two", "nine", "_summary"}
     assert {t.split("/")[1] for t in tags if t.startswith("narrow/")} == {"zero", "1", "two", "_summary"}
-    got = scalars(tb, "budget/train", "wide/_summary/macro_mean", [0, 1])
+    got = scalars(tb, "budget/r/train", "wide/_summary/macro_mean", [0, 1])
     assert got[1] == f32(tables[1].mean.mean())  # aggregates cover all 10 labels, not the 3 shown
-    assert scalars(tb, "budget/train", "wide/_summary/num_labels", [0, 1]) == {0: 10.0, 1: 10.0}
-    assert scalars(tb, "budget/train", "wide/nine/mean", [0, 1])[1] == f32(tables[1][9].mean)
+    assert scalars(tb, "budget/r/train", "wide/_summary/num_labels", [0, 1]) == {0: 10.0, 1: 10.0}
+    assert scalars(tb, "budget/r/train", "wide/nine/mean", [0, 1])[1] == f32(tables[1][9].mean)
 
-    text_tags = wait_for(lambda: get(tb, "/data/plugin/text/tags"), lambda r: "budget/train" in r, "text tags")
-    assert text_tags["budget/train"] == ["wide/table"]  # within budget: no table
-    texts = wait_for(lambda: get(tb, "/data/plugin/text/text", run="budget/train", tag="wide/table"),
+    text_tags = wait_for(lambda: get(tb, "/data/plugin/text/tags"), lambda r: "budget/r/train" in r, "text tags")
+    assert text_tags["budget/r/train"] == ["wide/table"]  # within budget: no table
+    texts = wait_for(lambda: get(tb, "/data/plugin/text/text", run="budget/r/train", tag="wide/table"),
                      lambda r: len(r) == 2, "two tables")
     assert [t["step"] for t in texts] == [0, 1]
     html = texts[1]["text"]
@@ -326,9 +352,9 @@ def test_label_budget_keeps_preferred_labels_and_writes_table(tb):
 
     cats = wait_for(lambda: {c["title"]: c for c in get(tb, "/data/plugin/custom_scalars/layout")["category"]},
                     lambda r: "wide" in r, "layout of the wide name")
-    titles = [c["title"] for c in cats["wide"]["chart"]]
-    assert titles[1:] == ["seven: mean ± std", "seven: min..max", "two: mean ± std", "two: min..max",
-                          "nine: mean ± std", "nine: min..max"]
+    titles = [c["title"] for c in shown_order(cats["wide"]["chart"])]
+    assert titles[2:] == ["two: mean ± std", "two: min..max", "seven: mean ± std", "seven: min..max",
+                          "nine: mean ± std", "nine: min..max"]  # the budget's labels, in natural order
 
 
 # ---------------------------------------------------------------------- names are data
@@ -385,7 +411,7 @@ def test_tensorflow_is_never_imported(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == {"tensorflow": False, "torch": False, "tensorboard": True}
-    assert list((tmp_path / "logs" / "train").glob("*tfevents*"))
+    assert list(mode_dir(tmp_path / "logs", "train").glob("*tfevents*"))
 
 
 def test_missing_tensorboard_names_the_extra(tmp_path):
@@ -448,7 +474,7 @@ def test_sigkill_loses_nothing_already_logged(tb):
         def table(step):
             return StatsTable(list(range(10)), [5] * 10, [step * 10 + i for i in range(10)], [1] * 10,
                               [0] * 10, [99] * 10, [0] * 10)
-        sink = TensorBoardSink({str(logdir)!r})
+        sink = TensorBoardSink({str(logdir)!r}, run_name="r")
         for step in range(4):
             sink.log_stats(table(step), step=step, name="crash", mode="train")
             if step == 1:
@@ -460,12 +486,12 @@ def test_sigkill_loses_nothing_already_logged(tb):
         logdir.parent,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr
-    (path,) = event_files(logdir / "train")
+    (path,) = event_files(logdir / "r" / "train")
     assert [e.step for e in read_records(path)[1:]] == [0, 1, 1, 2, 3]
     for lab in (0, 9):
-        got = scalars(tb, "crash/train", f"crash/{lab}/mean", [0, 1, 2, 3])
+        got = scalars(tb, "crash/r/train", f"crash/{lab}/mean", [0, 1, 2, 3])
         assert got == {s: float(s * 10 + lab) for s in range(4)}
-    images = wait_for(lambda: get(tb, "/data/plugin/images/images", run="crash/train", tag="crash/figure", sample=0),
+    images = wait_for(lambda: get(tb, "/data/plugin/images/images", run="crash/r/train", tag="crash/figure", sample=0),
                       lambda r: len(r) == 1, "the figure logged before the crash")
     assert images[0]["step"] == 1
 
@@ -478,7 +504,7 @@ def test_two_processes_share_one_logdir(tb):
         from labeltrack_log import StatsTable
         me = int(sys.argv[1])
         own = TensorBoardSink({logdir!r}, run_name=f"run{{me}}")  # same names, own run
-        shared = TensorBoardSink({logdir!r})  # same run dir as the other process
+        shared = TensorBoardSink({logdir!r}, run_name="shared")  # same run dir as the other process
         for step in range(40):
             t = StatsTable([0, 1], [2, 2], [me * 100 + step, -step], [1, 1], [0, 0], [9, 9], [0, 0])
             own.log_stats(t, step=step, name="shared", mode="train")
@@ -495,9 +521,9 @@ def test_two_processes_share_one_logdir(tb):
     for me in (1, 2):  # nothing mixed: each run holds only its own process's values
         got = scalars(tb, f"two/run{me}/train", "shared/0/mean", list(range(40)))
         assert got == {s: float(me * 100 + s) for s in range(40)}
-        got = scalars(tb, "two/train", f"proc{me}/0/mean", list(range(40)))  # nothing lost in the shared run
+        got = scalars(tb, "two/shared/train", f"proc{me}/0/mean", list(range(40)))  # nothing lost in the shared run
         assert got == {s: float(me * 100 + s) for s in range(40)}
-    files = event_files(logdir / "train")
+    files = event_files(logdir / "shared" / "train")
     assert len(files) == 2
     for path in files:  # one file per process, records intact and not interleaved
         names = {v.tag.split("/")[0] for e in read_records(path) for v in e.summary.value if v.tag != LAYOUT_TAG}
@@ -526,7 +552,7 @@ def test_forked_child_writes_its_own_file(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     by_name = {}
-    for path in event_files(tmp_path / "logs" / "train"):
+    for path in event_files(mode_dir(tmp_path / "logs", "train")):  # the child writes into the parent's run
         events = read_records(path)[1:]
         names = {v.tag.split("/")[0] for e in events for v in e.summary.value if v.tag != LAYOUT_TAG}
         by_name[frozenset(names)] = [e.step for e in events]
@@ -543,16 +569,16 @@ def test_pickled_copy_writes_a_new_file_with_the_full_layout(tb):
     copy.log_stats(table_of(2, range(3)), step=1, name="p", mode="train")
     copy.close()
     assert copy.closed and copy.label_budget == 5
-    records = {path: read_records(path) for path in event_files(logdir / "train")}
+    records = {path: read_records(path) for path in event_files(mode_dir(logdir, "train"))}  # the copy's too
     assert len(records) == 2
     (copy_file,) = [p for p, events in records.items() if events[-1].step == 1]
     layouts = [e for e in records[copy_file] if any(v.tag == LAYOUT_TAG for v in e.summary.value)]
     assert len(layouts) == 1  # the copy's file carries the layout again, including name "q"
-    got = scalars(tb, "pickle/train", "p/2/mean", [0, 1])
+    got = scalars(tb, f"pickle/{sink.run_name}/train", "p/2/mean", [0, 1])
     assert got == {0: f32(table_of(0, range(3))[2].mean), 1: f32(table_of(2, range(3))[2].mean)}
     cats = wait_for(lambda: {c["title"]: c for c in get(tb, "/data/plugin/custom_scalars/layout")["category"]},
                     lambda r: "q" in r and "p" in r, "layout of p and q")
-    assert len(cats["q"]["chart"]) == 1 + 2 * 2
+    assert len(cats["q"]["chart"]) == 2 + 2 * 2
 
 
 def test_close_is_idempotent_and_closed_sink_refuses_writes(tmp_path):
@@ -563,7 +589,7 @@ def test_close_is_idempotent_and_closed_sink_refuses_writes(tmp_path):
     assert sink.closed
     with pytest.raises(ValueError, match="expected an open sink"):
         sink.log_stats(table_of(0, [0]), step=1, name="x", mode="train")
-    (path,) = event_files(tmp_path / "logs" / "train")
+    (path,) = event_files(mode_dir(tmp_path / "logs", "train"))
     assert [e.step for e in read_records(path)] == [0, 0]
     with TensorBoardSink(tmp_path / "unused"):
         pass
@@ -579,10 +605,11 @@ def test_write_failure_is_logged_and_training_goes_on(tmp_path):
         logging.basicConfig(level=logging.WARNING)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk / quota: writes fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-        def table(n):
-            return StatsTable(list(range(n)), [1] * n, [0.5] * n, [0.0] * n, [0.5] * n, [0.5] * n, [0] * n)
+        def table(n, width=1):
+            labels = [f"{i:04d}" + "x" * (width - 1) for i in range(n)]
+            return StatsTable(labels, [1] * n, [0.5] * n, [0.0] * n, [0.5] * n, [0.5] * n, [0] * n)
         sink = TensorBoardSink("logs", label_budget=10)
-        sink.log_stats(table(5000), step=0, name="big", mode="train")   # its text table is too big
+        sink.log_stats(table(5000, 2000), step=0, name="big", mode="train")   # its text table is too big
         sink.log_stats(table(3), step=1, name="small", mode="train")    # goes to a fresh event file
         sink.close()
         print("training finished")
@@ -593,7 +620,7 @@ def test_write_failure_is_logged_and_training_goes_on(tmp_path):
     assert "training finished" in result.stdout
     assert "could not write" in result.stderr and "values of 'big' at step 0" in result.stderr
     assert "these values are lost" in result.stderr
-    files = event_files(tmp_path / "logs" / "train")
+    files = event_files(mode_dir(tmp_path / "logs", "train"))
     assert len(files) == 2
     good = [f for f in files if f.stat().st_size < 100_000]
     assert len(good) == 1

@@ -23,6 +23,7 @@ from labeltrack_log import ConfigError, InputTypeError, StatsHistory, Tracker
 from labeltrack_log.naming import figure_file, figure_name, tb_item_tag, tb_tag
 from labeltrack_log.sinks import Sink
 from labeltrack_log.sinks.files import CSVSink, ImageDirSink, JSONLSink
+from tables import mode_dir  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 MODES = ("train", "eval")
 NAME = "ce_by_y"
@@ -135,7 +136,7 @@ def test_tensorboard_scalars_and_final_figures(tmp_path: Path):
     with Tracker(NAME, sinks=[TensorBoardSink(logdir)], label_names={1: "one"}, bounds=["std", "range"]) as tracker:
         run(tracker, epochs=2)
     for mode in MODES:
-        acc = EventAccumulator(str(logdir / mode), size_guidance={"scalars": 0, "images": 0})
+        acc = EventAccumulator(str(mode_dir(logdir, mode)), size_guidance={"scalars": 0, "images": 0})
         acc.Reload()
         for label, text in ((1, "one"), (4, "4")):
             means = acc.Scalars(tb_tag(NAME, text, "mean"))
@@ -171,7 +172,9 @@ def test_failing_sink_is_logged_once_and_skipped(tmp_path: Path, caplog: pytest.
     # the healthy sinks received everything
     assert {(r["mode"], int(r["step"])) for r in csv_rows(csv_path)} == {(m, s) for m in MODES for s in (10, 20, 30)}
     assert pngs(images) == expected_pngs({m: [10, 20, 30] for m in MODES})
-    assert tracker.sinks and bad not in tracker.sinks  # reopened from the configuration: the closed instance is not
+    assert tracker.sinks == []  # closed; reading the property opens nothing
+    run(tracker, epochs=1, first_epoch=4)  # logging reopens from the configuration: the closed instance is not
+    assert tracker.sinks and bad not in tracker.sinks
     tracker.close()
 
 
@@ -256,8 +259,11 @@ def test_modes_end_separately_and_a_step_is_never_sent_twice(tmp_path: Path, cap
     assert tracker.end_epoch(3)["eval"][0].mean == 6.0  # both eval batches, one epoch
     tracker.update([0], [9.0], mode="eval")
     with caplog.at_level(logging.INFO, logger="labeltrack_log"):
-        again = tracker.end_epoch(3, "eval")  # step 3 of eval was sent already
-    assert again["eval"][0].mean == 9.0 and "already logged" in caplog.text
+        again = tracker.end_epoch(3, "eval")  # step 3 of eval was sent already: said out loud
+    assert again["eval"][0].mean == 9.0
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "eval step 3 is not above the last step logged (3)" in warning.getMessage()
+    assert "the global step" in warning.getMessage()
     tracker.close()
     assert Counter((r["mode"], r["step"]) for r in csv_rows(path)) == {("train", "3"): 2, ("eval", "3"): 1}
     assert tracker.history.steps(NAME, "eval") == [3]
@@ -319,10 +325,11 @@ def test_close_is_idempotent_and_a_later_use_reopens(tmp_path: Path, caplog: pyt
     tracker.close()
     assert instance.closed and tracker._sinks is None
     assert pngs(tmp_path) == expected_pngs({m: [10] for m in MODES})  # final figures once
+    assert tracker.sinks == []  # reading the property reopens nothing
     with caplog.at_level(logging.WARNING, logger="labeltrack_log"):
-        assert [type(s) for s in tracker.sinks] == [CSVSink]  # the configured dict reopens, the instance cannot
+        run(tracker, epochs=1, first_epoch=2)  # logging does
+    assert [type(s) for s in tracker.sinks] == [CSVSink]  # the configured dict reopens, the instance cannot
     assert "cannot be reopened" in caplog.text
-    run(tracker, epochs=1, first_epoch=2)
     tracker.close()
     assert {r["step"] for r in csv_rows(csv_path)} == {"10", "20"}
 

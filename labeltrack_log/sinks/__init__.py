@@ -6,6 +6,11 @@ configuration (names, dicts, files, the ``LABELTRACK_SINKS`` environment variabl
 
 Built-in sink names: ``tensorboard``, ``mlflow``, ``csv``, ``jsonl``, ``images``. Third-party
 sinks register a ``Sink`` subclass in the ``labeltrack_log.sinks`` entry-point group.
+
+The built-in classes are importable from here, loaded on first use (PEP 562), so
+``import labeltrack_log.sinks`` imports neither tensorboard nor mlflow::
+
+    from labeltrack_log.sinks import TensorBoardSink, MLflowSink, CSVSink, JSONLSink, ImageDirSink
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputTypeError
 from ..grouping import StatsTable
-from ..naming import label_text
+from ..naming import component, label_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -41,6 +46,15 @@ __all__ = [
     "register_sink",
     "available_sinks",
     "DEFAULT_LABEL_BUDGET",
+    "TensorBoardSink",
+    "MLflowSink",
+    "CSVSink",
+    "JSONLSink",
+    "ImageDirSink",
+    "END_STATUSES",
+    "exit_status",
+    "SinkSpec",
+    "sink_specs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +62,30 @@ logger = logging.getLogger(__name__)
 DEFAULT_LABEL_BUDGET = 100
 ENV_VAR = "LABELTRACK_SINKS"
 _NO_TABLE = object()  # Sink._check_call of a log_figure
+
+#: What :meth:`Sink.close` may be told about how the training ended (None: not said).
+END_STATUSES = (None, "FINISHED", "FAILED", "KILLED")
+
+
+def exit_status(exc_type: type[BaseException] | None, exc: BaseException | None = None) -> str:
+    """How a ``with`` block ended, as a run status: ``"FINISHED"`` for a clean exit (also
+    ``sys.exit(0)`` / ``sys.exit(None)``), ``"KILLED"`` for KeyboardInterrupt (Ctrl-C),
+    ``"FAILED"`` for any other exception (also ``sys.exit(3)``).
+
+    Example:
+        >>> exit_status(None), exit_status(KeyboardInterrupt), exit_status(SystemExit, SystemExit(0))
+        ('FINISHED', 'KILLED', 'FINISHED')
+        >>> exit_status(ValueError, ValueError("x")), exit_status(SystemExit, SystemExit(3))
+        ('FAILED', 'FAILED')
+    """
+    if exc_type is None:
+        return "FINISHED"
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "KILLED"
+    if issubclass(exc_type, SystemExit):
+        code = exc.code if isinstance(exc, SystemExit) else None
+        return "FINISHED" if code in (None, 0) else "FAILED"
+    return "FAILED"
 
 
 class Sink:
@@ -88,7 +126,9 @@ class Sink:
         self.label_budget = label_budget
         self.label_names: dict[Any, str] = dict(label_names or {})
         self._texts: dict[Hashable, _Texts] = {}  # scope -> label texts handed out so far
+        self._parts: dict[tuple[Hashable, str], _Parts] = {}  # (scope, kind) -> label parts handed out so far
         self._closed = False
+        self.end_status: str | None = None  # how the training ended, as told to close()
 
     # --------------------------------------------------------------- contract
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
@@ -103,12 +143,30 @@ class Sink:
     def flush(self) -> None:
         """Make everything logged so far durable/visible. Default: nothing to do."""
 
-    def close(self) -> None:
-        """Flush and release resources. Safe to call more than once."""
+    def close(self, status: str | None = None) -> None:
+        """Flush and release resources. Safe to call more than once (only the first call counts).
+
+        Args:
+            status: How the training ended: ``"FINISHED"``, ``"FAILED"``, ``"KILLED"`` (see
+                :func:`exit_status`), or None (not said; a sink that records a status, such as
+                MLflow's run status, treats it as FINISHED). Stored as :attr:`end_status` before
+                :meth:`_close` runs.
+        """
+        if status not in END_STATUSES:
+            raise ConfigError(f"status: expected one of {list(END_STATUSES)}, got {status!r}")
         if self._closed:
             return
         self._closed = True
+        self.end_status = status
         self._close()
+
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Hashable | None:
+        """The destination a sink built as ``cls(**options)`` would write to, as a hashable key, or
+        None when sinks of this class are never shared (the default). Within one process,
+        trackers whose sink configurations have the same key share one sink instance (see
+        :class:`labeltrack_log.Run`). Built-in sinks key on their file, directory or MLflow run."""
+        return None
 
     def _close(self) -> None:
         self.flush()
@@ -141,6 +199,8 @@ class Sink:
         ok = isinstance(step, (int, np.integer)) and not isinstance(step, bool)
         if not ok or step < 0:
             raise InputTypeError(f"step: expected a non-negative int, got {type(step).__name__} {step!r}")
+        if step >= 2**63:  # TensorBoard and MLflow store int64 steps; a file holding more could not be read back
+            raise InputTypeError(f"step: expected an int below 2**63 (int64), got {step!r}")
         return int(step)
 
     # ------------------------------------------------------------- labels
@@ -149,6 +209,7 @@ class Sink:
         Label texts are handed out afresh from the next call on."""
         self.label_names = dict(names or {})
         self._texts.clear()
+        self.__dict__.setdefault("_parts", {}).clear()
 
     def label_text(self, label: Any) -> str:
         """Display text of ``label`` (its name in :attr:`label_names`, else the label as text)."""
@@ -177,6 +238,26 @@ class Sink:
             out = [state.texts[lab] for lab in labels]
         return out  # type: ignore[return-value]
 
+    def label_parts(self, labels: Sequence[Any], scope: Hashable = None, kind: str = "tag") -> list[str]:
+        """The tag/key component of each label's series: distinct within ``scope``, stable, and
+        never a reserved component (:data:`labeltrack_log.naming.SUMMARY`).
+
+        A label's part is :func:`labeltrack_log.naming.component` of its :meth:`label_texts` text
+        (``kind``: ``"tag"`` for TensorBoard, ``"mlflow"`` for metric keys). Two texts whose parts
+        clash (the 24-bit hash of a long or changed name is rare to collide, not impossible) are
+        told apart by checking every part handed out: the later one gets ``-2`` (``-3``, ...).
+
+        Example:
+            >>> Sink().label_parts(["a/b", "a_b", "_summary"], "loss")
+            ['a_b-3ec69c', 'a_b', '_summary-c40ce9']
+        """
+        texts = self.label_texts(labels, scope)
+        parts = self.__dict__.setdefault("_parts", {})
+        state = parts.get((scope, kind))
+        if state is None:
+            state = parts[(scope, kind)] = _Parts(kind)
+        return [state.part(text) for text in texts]
+
     def budget(self, table: StatsTable) -> "BudgetView":
         """:func:`apply_budget` with this sink's budget; the labels of :attr:`label_names` come first."""
         return apply_budget(table, self.label_budget, list(self.label_names) or None)
@@ -184,8 +265,8 @@ class Sink:
     def __enter__(self) -> "Sink":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(exit_status(exc_type, exc))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -214,6 +295,27 @@ class _Texts:
             self.texts[lab] = text
             self.names.add(name)
             self.taken.add(text)
+
+
+class _Parts:
+    """The tag/key parts of one (scope, kind): label text -> part, and the parts in use."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.parts: dict[str, str] = {}
+        self.taken: set[str] = set()
+
+    def part(self, text: str) -> str:
+        part = self.parts.get(text)
+        if part is None:
+            base = part = component(text, self.kind)  # never the reserved SUMMARY: that is hashed
+            n = 1
+            while part in self.taken:
+                n += 1
+                part = f"{base}-{n}"
+            self.parts[text] = part
+            self.taken.add(part)
+        return part
 
 
 def check_table(table: Any) -> StatsTable:
@@ -274,12 +376,16 @@ def aggregates(table: StatsTable) -> tuple[dict[str, float], Any]:
     agg = {"num_labels": float(len(table)), "nonfinite": float(table.nonfinite.sum())}
     if len(means):
         worst = int(np.argmax(means))
-        agg.update(
-            macro_mean=float(means.mean()),
-            worst_mean=float(means[worst]),
-            best_mean=float(means.min()),
-            spread=float(means.std()),
-        )
+        # scaled by a power of two first, so means near the float limits give a finite macro mean
+        # and spread (as GroupedStats does for the per-label statistics)
+        scale = float(np.ldexp(1.0, min(int(np.frexp(np.abs(means).max())[1]), 1023)))
+        with np.errstate(over="ignore"):
+            agg.update(
+                macro_mean=float((means / scale).mean() * scale),
+                worst_mean=float(means[worst]),
+                best_mean=float(means.min()),
+                spread=float((means / scale).std() * scale),
+            )
         return agg, table.labels[seen][worst : worst + 1].tolist()[0]
     return agg, None
 
@@ -321,6 +427,25 @@ _BUILTIN: dict[str, str] = {
     "jsonl": "labeltrack_log.sinks.files:JSONLSink",
     "images": "labeltrack_log.sinks.files:ImageDirSink",
 }
+_LAZY = {"TensorBoardSink": "tensorboard", "MLflowSink": "mlflow", "CSVSink": "csv", "JSONLSink": "jsonl",
+         "ImageDirSink": "images"}  # class name -> built-in sink name
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: the built-in sink classes, imported on first access (``TensorBoardSink`` loads
+    tensorboard, ``MLflowSink`` mlflow; a missing extra raises when the sink is constructed)."""
+    if name in _LAZY:
+        module, _, attr = _BUILTIN[_LAZY[name]].partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 _REGISTERED: dict[str, type[Sink]] = {}
 ENTRY_POINT_GROUP = "labeltrack_log.sinks"
 
@@ -369,15 +494,6 @@ def _options(cls: type[Sink]) -> list[str]:
     return names
 
 
-def _build(name: str, options: Mapping[str, Any]) -> Sink:
-    cls = _resolve(name)
-    valid = _options(cls)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"sink {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
-    return cls(**options)
-
-
 def _load_file(path: Path) -> Any:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".toml":
@@ -409,23 +525,39 @@ def _looks_like_path(text: str) -> bool:
     return text.lower().endswith((".toml", ".json"))
 
 
-def make_sinks(config: Any = None) -> list[Sink]:
-    """Build sinks from a configuration.
+@dataclass(frozen=True)
+class SinkSpec:
+    """A sink not built yet: the registered ``kind`` (e.g. ``"tensorboard"``), its class and the
+    (checked) constructor options. :func:`sink_specs` returns these; ``build()`` makes the sink."""
 
-    ``config`` may be a sink name (``"tensorboard"``, ``"mlflow"``, ``"csv"``, ``"jsonl"``,
-    ``"images"`` or a registered/entry-point name), a dict ``{"type": name, **options}``, a
-    :class:`Sink` instance, a list of these, a path to a ``.toml`` (``[[sinks]]`` tables) or
-    ``.json`` file holding such a list, or ``None``: then the ``LABELTRACK_SINKS`` environment
-    variable (same forms: names separated by commas, or a file path, or JSON), else no sinks.
+    kind: str
+    cls: type
+    options: Mapping[str, Any]
 
-    Raises:
-        ConfigError (a ValueError): unknown sink name or option, listing the valid ones.
-        MissingExtraError (a ModuleNotFoundError): the sink needs an extra that is not installed.
+    def build(self, **defaults: Any) -> Sink:
+        """``cls(**options)``, with ``defaults`` for the options the configuration did not set."""
+        valid = _options(self.cls)
+        return self.cls(**{**{k: v for k, v in defaults.items() if k in valid}, **self.options})
 
-    Example:
-        >>> [type(s).__name__ for s in make_sinks([{"type": "csv", "path": "/tmp/lt-doctest.csv"}])]
-        ['CSVSink']
-    """
+    def destination(self, **defaults: Any) -> Hashable | None:
+        """The destination key of the sink :meth:`build` would make (see :meth:`Sink.destination`)."""
+        valid = _options(self.cls)
+        return self.cls.destination({**{k: v for k, v in defaults.items() if k in valid}, **self.options})
+
+
+def _spec(name: str, options: Mapping[str, Any]) -> SinkSpec:
+    cls = _resolve(name)
+    valid = _options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"sink {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    return SinkSpec(name, cls, dict(options))
+
+
+def sink_specs(config: Any = None) -> list[SinkSpec | Sink]:
+    """What :func:`make_sinks` would build, without building it: a :class:`SinkSpec` per configured
+    sink (checked: unknown names and options raise ConfigError) and Sink instances as given.
+    Accepts the same ``config`` forms as :func:`make_sinks`."""
     if config is None:
         env = os.environ.get(ENV_VAR, "").strip()
         if not env:
@@ -435,37 +567,64 @@ def make_sinks(config: Any = None) -> list[Sink]:
                 parsed = json.loads(env)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{ENV_VAR}: expected sink names, a file path or JSON, got invalid JSON: {err}") from None
-            return make_sinks(parsed)
+            return sink_specs(parsed)
         if _looks_like_path(env):
-            return make_sinks(Path(env))
-        return make_sinks([part.strip() for part in env.split(",") if part.strip()])
+            return sink_specs(Path(env))
+        return sink_specs([part.strip() for part in env.split(",") if part.strip()])
     if isinstance(config, Sink):
         return [config]
     if isinstance(config, Path) or (isinstance(config, str) and _looks_like_path(config)):
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"sink configuration file {str(path)!r} does not exist")
-        return make_sinks(_load_file(path))
+        return sink_specs(_load_file(path))
     if isinstance(config, str):
-        return [_build(config, {})]
+        return [_spec(config, {})]
     if isinstance(config, Mapping):
         options = dict(config)
         kind = options.pop("type", None)
         if not isinstance(kind, str):
             raise ConfigError(f"sink dict: expected a 'type' key naming the sink ({', '.join(available_sinks())}), got {config!r}")
-        return [_build(kind, options)]
+        return [_spec(kind, options)]
     if isinstance(config, Iterable) and not isinstance(config, (bytes, bytearray)):
-        sinks: list[Sink] = []
-        try:
-            for item in config:
-                if isinstance(item, (list, tuple)):
-                    raise ConfigError(f"sink list: expected names, dicts or Sink instances, got a nested {type(item).__name__}")
-                sinks.extend(make_sinks(item))
-        except Exception:
-            for s in sinks:  # do not leak sinks built before the bad entry
-                s.close()
-            raise
-        return sinks
+        specs: list[SinkSpec | Sink] = []
+        for item in config:
+            if isinstance(item, (list, tuple)):
+                raise ConfigError(f"sink list: expected names, dicts or Sink instances, got a nested {type(item).__name__}")
+            specs.extend(sink_specs(item))
+        return specs
     raise ConfigError(
         f"sink configuration: expected a name, dict, Sink, list, .toml/.json path or None, got {type(config).__name__}"
     )
+
+
+def make_sinks(config: Any = None) -> list[Sink]:
+    """Build sinks from a configuration.
+
+    ``config`` may be a sink name (``"tensorboard"``, ``"mlflow"``, ``"csv"``, ``"jsonl"``,
+    ``"images"`` or a registered/entry-point name), a dict ``{"type": name, **options}``, a
+    :class:`Sink` instance, a list of these, a path to a ``.toml`` (``[[sinks]]`` tables) or
+    ``.json`` file holding such a list, or ``None``: then the ``LABELTRACK_SINKS`` environment
+    variable (same forms: names separated by commas, or a file path, or JSON), else no sinks.
+
+    Every call builds new sinks; trackers share sinks through :class:`labeltrack_log.Run` instead.
+
+    Raises:
+        ConfigError (a ValueError): unknown sink name or option, listing the valid ones.
+        MissingExtraError (a ModuleNotFoundError): the sink needs an extra that is not installed.
+
+    Example:
+        >>> [type(s).__name__ for s in make_sinks([{"type": "csv", "path": "/tmp/lt-doctest.csv"}])]
+        ['CSVSink']
+    """
+    specs = sink_specs(config)
+    sinks: list[Sink] = []
+    try:
+        for spec in specs:
+            sinks.append(spec if isinstance(spec, Sink) else spec.build())
+    except Exception:
+        for s in sinks:  # do not leak sinks built before the bad entry
+            if not any(s is spec for spec in specs):
+                s.close()
+        raise
+    return sinks

@@ -25,12 +25,12 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Hashable, Mapping
 
 from ..errors import ConfigError
 from ..grouping import StatsTable
 from ..history import FILE_COLUMNS
-from ..naming import figure_file, label_text
+from ..naming import figure_file, label_text, visible
 from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,7 +68,7 @@ def csv_text(rows: list[tuple], header: bool = False) -> str:
     if header:
         writer.writerow(FIELDS)
     for row in rows:
-        writer.writerow([repr(v) if isinstance(v, float) else v for v in row])
+        writer.writerow([repr(v) if isinstance(v, float) else visible(v) if isinstance(v, str) else v for v in row])
     return buf.getvalue()
 
 
@@ -91,13 +91,21 @@ class _RowSink(Sink):
     def _open(self) -> io.TextIOWrapper:
         if self._file is None:
             try:
-                fresh = not self.path.exists() or self.path.stat().st_size == 0
-                self._file = open(self.path, "a", encoding="utf-8", newline="")
+                # backslashreplace: a lone surrogate (a non-UTF-8 file name from os.listdir) in a
+                # name or mode is written visibly instead of failing the whole call
+                self._file = open(self.path, "a", encoding="utf-8", errors="backslashreplace", newline="")
+                if self._file.tell() == 0:  # a new (or empty) file: the header, at once
+                    self._write_header(self._file)
+                    self._file.flush()
             except OSError as err:
                 raise ConfigError(f"{self._what}: cannot open {str(self.path)!r} for appending: {err.strerror or err}") from None
-            if fresh:
-                self._write_header(self._file)
         return self._file
+
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Hashable | None:
+        """One sink per resolved file path and format (so one header, rows never interleaved)."""
+        path = options.get("path")
+        return (cls.__name__, str(Path(path if path is not None else cls._default).resolve()))
 
     def _write_header(self, f: io.TextIOWrapper) -> None:
         """Called once when the file is new."""
@@ -150,11 +158,43 @@ class CSVSink(_RowSink):
         f.write(csv_text([], header=True))
 
     def _format(self, rows: list[tuple]) -> str:
+        if rows and isinstance(rows[0][4], str):
+            rows = self._distinct_labels(rows)
         return csv_text(rows)
+
+    def _distinct_labels(self, rows: list[tuple]) -> list[tuple]:
+        """CSV text cannot hold a lone surrogate (``"caf\\udce9"``): such a label is written
+        visibly escaped (:func:`labeltrack_log.naming.visible`). The texts handed out are checked,
+        as :meth:`Sink.label_texts` does: a label that can be written as is keeps its text, and an
+        escaped text that equals another label's gets `` #2`` (`` #3``, ...)."""
+        key = (rows[0][1], rows[0][2])  # (name, mode): the scope in which labels must stay distinct
+        cells = self.__dict__.setdefault("_cells", {})
+        state = cells.get(key)
+        if state is None:
+            if all(visible(row[4]) is row[4] for row in rows):
+                return rows  # nothing escaped: every label is its own text
+            state = cells[key] = ({}, set())
+        texts, taken = state
+        new = [row[4] for row in rows if row[4] not in texts]
+        for plain in (True, False):  # labels written as they are first, then the escaped ones
+            for lab in new:
+                text = visible(lab)
+                if (text is lab) != plain:
+                    continue
+                base, n = text, 1
+                while text in taken:
+                    n += 1
+                    text = f"{base} #{n}"
+                texts[lab] = text
+                taken.add(text)
+        return [(*row[:4], texts[row[4]], *row[5:]) for row in rows]
 
 
 class JSONLSink(_RowSink):
-    """Append one JSON object per row to a JSON-lines file (NaN/inf written as null)."""
+    """Append one JSON object per row to a JSON-lines file (NaN/inf written as null).
+
+    A label with lone surrogates (``"caf\\udce9"``, from a non-UTF-8 file name) is written as
+    the JSON escape ``\\udce9`` and reads back as the very same string."""
 
     _what = "JSONLSink"
     _default = "labeltrack.jsonl"
@@ -184,6 +224,11 @@ class ImageDirSink(Sink):
         self.dpi = dpi
         ensure_writable_dir(self.directory, "ImageDirSink directory")
         self.written: list[Path] = []
+
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Hashable | None:
+        """One sink per resolved directory."""
+        return ("ImageDirSink", str(Path(options.get("directory") or "images").resolve()))
 
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
         """Tables are not written by this sink (use CSVSink/JSONLSink next to it); the call is checked."""

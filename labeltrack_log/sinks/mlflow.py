@@ -43,14 +43,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Hashable, Mapping
 
 import numpy as np
 
 from ..errors import ConfigError, missing_extra
 from ..grouping import StatsTable
-from ..naming import STATS, SUMMARY, image_key, mlflow_key, table_file
-from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
+from ..naming import STATS, SUMMARY, image_key, mlflow_key, mlflow_key_of_part, table_file
+from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir, exit_status
 from ._delivery import SUPPORTED as PROCESS_SUPPORTED
 from ._delivery import DeliveryProcess
 from ._spool import (Spool, check_uri, deliver, find_or_create_run, get_existing, http_limits, import_mlflow, is_http,
@@ -334,10 +334,10 @@ class MLflowSink(Sink):
 
     def _label_keys(self, name: str, mode: str, labels: list[Any]) -> list[tuple[str, ...]]:
         out = []
-        for text in self.label_texts(labels, name):
+        for text in self.label_parts(labels, name, "mlflow"):  # distinct parts, never SUMMARY (issue 11.7/11.8)
             keys = self._keys.get((name, mode, text))
             if keys is None:
-                keys = self._keys[(name, mode, text)] = tuple(mlflow_key(name, mode, text, s) for s in _STAT_KEYS)
+                keys = self._keys[(name, mode, text)] = tuple(mlflow_key_of_part(name, mode, text, s) for s in _STAT_KEYS)
             out.append(keys)
         return out
 
@@ -557,7 +557,7 @@ class MLflowSink(Sink):
         with self._lock:
             deadline = time.monotonic() + self.close_timeout
             if self.owns_run:
-                self._submit([self._op("end_run", status=self.end_status)], deadline, force=True)
+                self._submit([self._op("end_run", status=self.end_status or "FINISHED")], deadline, force=True)
             else:
                 self._drain(deadline, force=True)
             self._warn_backlog()
@@ -572,7 +572,7 @@ class MLflowSink(Sink):
     def _close_process(self) -> None:
         with self._lock:
             if self.owns_run:
-                self._journal([self._op("end_run", status=self.end_status)])
+                self._journal([self._op("end_run", status=self.end_status or "FINISHED")])
             if self._process is None and not self.spool.exists():
                 return  # a copy that never logged anything
             if not self._ensure_process():  # switched to inline: the backlog ends with the end of run
@@ -588,10 +588,19 @@ class MLflowSink(Sink):
             except OSError:
                 pass
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is not None:
-            self.end_status = "FAILED"
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(exit_status(exc_type, exc))  # sys.exit(0) FINISHED, Ctrl-C KILLED, else FAILED
+
+    # ---------------------------------------------------------------- sharing
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Hashable | None:
+        """Sinks share when they name the same tracking URI, experiment and run (see :class:`Sink`):
+        without ``run_id``/``run_name``, trackers of one process share one new run."""
+        experiment, experiment_id = options.get("experiment"), options.get("experiment_id")
+        if experiment is None and experiment_id is None:
+            experiment, experiment_id = os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+        uri = _resolve_uri(options.get("tracking_uri"), sys.modules.get("mlflow"))
+        return ("mlflow", uri.rstrip("/"), experiment, experiment_id, options.get("run_id"), options.get("run_name"))
 
     # ------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:

@@ -4,7 +4,10 @@ Written with the ``tensorboard`` package's protos and :class:`RecordWriter` into
 opens itself, so TensorFlow is never imported (``EventFileWriter`` and torch's ``SummaryWriter``
 both import it). Layout on disk and in TensorBoard:
 
-* one run directory per mode, ``<logdir>/[<run_name>/]<mode>``, holding one event file per sink
+* one run directory per mode, ``<logdir>/<run_name>/<mode>``, where ``run_name`` is by default
+  ``<YYYYmmdd-HHMMSS>-<host>`` of the sink's first write (``-2``, ``-3``, ... appended when that
+  directory exists already), so every training run gets its own runs and reruns never mix;
+  each holding one event file per sink
   instance and process (``events.out.tfevents.<seconds>.<nanoseconds>.<host>.<pid>.<random>``), created
   at first use. Names sort in creation order: TensorBoard reads a run's files in name order and
   drops points of a series whose step goes backwards, so a later file must sort last;
@@ -12,8 +15,12 @@ both import it). Layout on disk and in TensorBoard:
   ``<name>/<label>/{mean,std,min,max,count,mean-std,mean+std}``, ``<name>/<label>/nonfinite``
   when non-zero, and aggregates across all labels under ``<name>/_summary/...``;
 * over the label budget, the full table as a markdown text summary ``<name>/table``;
-* a Custom Scalars layout with margin charts (``mean ± std`` and ``min..max`` per label,
-  ``macro mean, best..worst`` across labels), rewritten whenever the set of charts changes;
+* a Custom Scalars layout, one category per tracked name: first the margin chart ``macro mean,
+  best..worst`` across labels, then one chart overlaying every label's mean, then per label (in
+  natural order) ``mean ± std`` and ``min..max``. TensorBoard reads one layout per run directory
+  (the newest), so the layout written always holds every name this sink has charted there; it is
+  rewritten whenever the set of charts changes. Trackers share one sink per run directory (see
+  :class:`labeltrack_log.Run`), so their charts end up in one layout;
 * figures in the Images tab as ``<name>/figure``.
 
 Every call ends with a flush, so a crash (even SIGKILL) loses nothing already logged.
@@ -35,7 +42,7 @@ import numpy as np
 
 from .. import naming
 from ..errors import ConfigError, missing_extra
-from ..grouping import StatsTable
+from ..grouping import StatsTable, natural_key
 from . import AGGREGATES, DEFAULT_LABEL_BUDGET, BudgetView, Sink, ensure_writable_dir
 
 try:
@@ -59,77 +66,35 @@ logger = logging.getLogger(__name__)
 LABEL_STATS = ("mean", "std", "min", "max", "count", "mean-std", "mean+std")
 SUMMARY_STATS = AGGREGATES  # every one at every step: a margin chart needs its three series at the same steps
 LAYOUT_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
-
-# ---------------------------------------------------------------------------- fast CRC32C
-# tensorboard's CRC32C is pure Python (~10 MB/s) and was 85% of the cost of an event with
-# 1000 labels. This computes the same checksum with numpy: the data is cut into lanes of
-# _LANE bytes that are run through the byte table side by side, then the lane CRCs are folded
-# pairwise with "shift by k zero bytes" tables (CRC is linear over GF(2)). ~20x faster on 200 KB.
-_POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
-_LANE = 64
-_NUMPY_MIN = 4096  # below this the pure-Python version is as fast
+DEFAULT_LOGDIR = "runs"
 
 
-def _byte_table() -> np.ndarray:
-    t = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        t = np.where(t & 1, (t >> 1) ^ np.uint32(_POLY), t >> 1).astype(np.uint32)
-    return t
+def default_run_name() -> str:
+    """``<YYYYmmdd-HHMMSS>-<host>``: the default run directory name (sorts in time order; FastEstimator
+    names its runs ``%Y%m%d-%H%M%S`` too)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{naming.component(socket.gethostname(), 'file')}"
 
-
-_TABLE = _byte_table()
-
-
-def _apply(shift: np.ndarray, reg: np.ndarray) -> np.ndarray:
-    """Registers ``reg`` advanced over the zero bytes that the (4, 256) table ``shift`` encodes."""
-    return shift[0][reg & 0xFF] ^ shift[1][(reg >> 8) & 0xFF] ^ shift[2][(reg >> 16) & 0xFF] ^ shift[3][reg >> 24]
-
-
-def _lane_shift() -> np.ndarray:
-    reg = np.arange(256, dtype=np.uint32)[None, :] << (np.arange(4, dtype=np.uint32)[:, None] * np.uint32(8))
-    for _ in range(_LANE):
-        reg = _TABLE[reg & 0xFF] ^ (reg >> 8)
-    return reg
-
-
-_SHIFTS: list[np.ndarray] = []  # _SHIFTS[k]: advance over _LANE * 2**k zero bytes
-
-
-def _shift(level: int) -> np.ndarray:
-    if not _SHIFTS:
-        _SHIFTS.append(_lane_shift())
-    while len(_SHIFTS) <= level:
-        _SHIFTS.append(_apply(_SHIFTS[-1], _SHIFTS[-1]))
-    return _SHIFTS[level]
-
-
-def _crc32c_numpy(data: bytes) -> int:
-    n = len(data)
-    lanes = 1 << (-(-n // _LANE) - 1).bit_length()
-    buf = np.zeros(lanes * _LANE, np.uint8)
-    pad = lanes * _LANE - n  # leading zeros do not change a CRC whose register starts at 0 ...
-    buf[pad:] = np.frombuffer(data, np.uint8)
-    buf[pad : pad + 4] ^= 0xFF  # ... and the initial 0xFFFFFFFF equals inverting the first 4 bytes
-    reg = np.zeros(lanes, np.uint32)
-    for column in buf.reshape(lanes, _LANE).T.copy():
-        reg = _TABLE[(reg ^ column) & 0xFF] ^ (reg >> 8)
-    level = 0
-    while len(reg) > 1:
-        reg = _apply(_shift(level), reg[0::2]) ^ reg[1::2]
-        level += 1
-    return int(reg[0]) ^ 0xFFFFFFFF
+# --------------------------------------------------------------------------------- CRC32C
+# TFRecord framing needs a masked CRC32C of every record. tensorboard's own function is pure
+# Python (~10 MB/s: 85% of the cost of an event with 1000 labels); google-crc32c (Google's C
+# library, part of the ``tensorboard`` extra) computes the same checksum at GB/s. Without the
+# wheel, tensorboard's function is the fallback (correct, slower).
+try:
+    from google_crc32c import value as _crc32c_c
+except ImportError:  # pragma: no cover - exercised in a subprocess test
+    _crc32c_c = None
 
 
 def masked_crc32c(data: bytes) -> int:
     """The masked CRC32C of TFRecord framing; equal to tensorboard's pure-Python version."""
-    if len(data) < _NUMPY_MIN:
+    if _crc32c_c is None:
         return _py_masked_crc32c(data)
-    x = _crc32c_numpy(data)
+    x = _crc32c_c(data)
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 class _FastRecordWriter(RecordWriter):  # type: ignore[misc,valid-type]
-    """tensorboard's RecordWriter (same bytes, tested) with the numpy CRC32C for large records."""
+    """tensorboard's RecordWriter (same bytes, tested) with google-crc32c's CRC32C."""
 
     def write(self, data: bytes) -> None:
         header = struct.pack("<Q", len(data))
@@ -162,8 +127,9 @@ class TensorBoardSink(Sink):
             it, the aggregates and a text table of every label are written too.
         label_names: Optional label value -> display name mapping; its order picks the labels
             that stay within the budget.
-        run_name: Optional sub-directory between ``logdir`` and the mode, so several runs can
-            share one logdir without mixing (``<logdir>/<run_name>/<mode>``).
+        run_name: The sub-directory between ``logdir`` and the mode (``<logdir>/<run_name>/<mode>``),
+            so runs sharing one logdir never mix. None: ``<YYYYmmdd-HHMMSS>-<host>`` of the first
+            write, made unique (a new one per training run; they sort in time order).
         fsync: Also ``os.fsync`` after each call (survives an OS crash, not only a process
             crash; costs about one disk sync per call).
 
@@ -186,7 +152,7 @@ class TensorBoardSink(Sink):
 
     def __init__(
         self,
-        logdir: str | os.PathLike = "runs",
+        logdir: str | os.PathLike | None = None,
         *,
         label_budget: int = DEFAULT_LABEL_BUDGET,
         label_names: Mapping[Any, str] | None = None,
@@ -196,12 +162,15 @@ class TensorBoardSink(Sink):
         if not _AVAILABLE:
             raise missing_extra("tensorboard", "tensorboard", "TensorBoardSink")
         super().__init__(label_budget=label_budget, label_names=label_names)
+        self.logdir_given = logdir is not None  # else a framework's run directory may be used (FE)
+        logdir = DEFAULT_LOGDIR if logdir is None else logdir
         if not isinstance(logdir, (str, os.PathLike)) or not str(logdir):
             raise ConfigError(f"TensorBoardSink logdir: expected a non-empty path, got {logdir!r}")
-        if run_name is not None and not isinstance(run_name, str):
-            raise ConfigError(f"TensorBoardSink run_name: expected a str or None, got {run_name!r}")
+        if run_name is not None and (not isinstance(run_name, str) or not run_name):
+            raise ConfigError(f"TensorBoardSink run_name: expected a non-empty str or None, got {run_name!r}")
         self.logdir = Path(logdir).absolute()
-        self.run_name = run_name
+        self.auto_run_name = run_name is None  # True until the default name is claimed on disk
+        self.run_name = run_name or default_run_name()
         self.fsync = bool(fsync)
         ensure_writable_dir(self.logdir, "TensorBoardSink logdir")
         self._files: dict[str, tuple[BinaryIO, _FastRecordWriter]] = {}  # run dir -> open event file
@@ -217,11 +186,47 @@ class TensorBoardSink(Sink):
         state["_layout_written"] = {}
         return state
 
+    # ---------------------------------------------------------------- sharing
+    @classmethod
+    def destination(cls, options: Mapping[str, Any]) -> Any:
+        """One sink per logdir and configured ``run_name`` (None: the sink's own default run)."""
+        logdir = options.get("logdir")
+        return ("tensorboard", str(Path(DEFAULT_LOGDIR if logdir is None else logdir).absolute()), options.get("run_name"))
+
+    def use_run_dir(self, logdir: str | os.PathLike, run_name: str) -> bool:
+        """Write into ``<logdir>/<run_name>/<mode>`` instead (e.g. FastEstimator's TensorBoard trace's
+        runs), unless a logdir was configured explicitly or something was written already.
+
+        Returns:
+            Whether the sink now writes there.
+        """
+        target = (Path(logdir).absolute(), run_name)
+        if (self.logdir, self.run_name) == target:
+            return True
+        if self.logdir_given or not self.auto_run_name or self._files:
+            return False
+        ensure_writable_dir(target[0], "TensorBoardSink logdir")
+        self.logdir, self.run_name, self.auto_run_name = target[0], run_name, False
+        return True
+
     # ------------------------------------------------------------------ files
     def run_dir(self, mode: str) -> Path:
-        """The run directory of ``mode`` (it may not exist yet)."""
-        base = self.logdir / naming.component(self.run_name, "file") if self.run_name else self.logdir
-        return base / naming.component(mode, "file")
+        """The run directory of ``mode`` (it may not exist yet; with the default run name, the name
+        is made unique at the first write)."""
+        return self.logdir / naming.component(self.run_name, "file") / naming.component(mode, "file")
+
+    def _claim_run_name(self) -> None:
+        """Make the default run name unique: create ``<logdir>/<run_name>``, or the first free
+        ``<run_name>-<n>`` (n >= 2), atomically (``mkdir`` fails when it exists)."""
+        base, n = self.run_name, 1
+        while True:
+            try:
+                (self.logdir / naming.component(self.run_name, "file")).mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                self.run_name = f"{base}-{n}"
+        self.auto_run_name = False
 
     def _writer(self, mode: str) -> _FastRecordWriter:
         if self._pid != os.getpid():  # a forked child: never append to the parent's files
@@ -279,27 +284,32 @@ class TensorBoardSink(Sink):
             self._drop(run)
 
     # ------------------------------------------------------------------ stats
-    def _label_tags(self, name: str, text: str, stats: tuple[str, ...] = (*LABEL_STATS, "nonfinite")) -> tuple[str, ...]:
-        """Tags of ``stats`` for one label (or naming.SUMMARY), cached: naming is per-character work."""
-        key = (name, text, stats)
+    def _label_tags(self, name: str, part: str, stats: tuple[str, ...] = (*LABEL_STATS, "nonfinite")) -> tuple[str, ...]:
+        """Tags of ``stats`` for one label part (:meth:`Sink.label_parts`, never equal to
+        naming.SUMMARY) or naming.SUMMARY, cached: naming is per-character work."""
+        key = (name, part, stats)
         tags = self._tags.get(key)
         if tags is None:
-            tags = self._tags[key] = tuple(naming.tb_tag(name, text, s) for s in stats)
+            tags = self._tags[key] = tuple(naming.tb_tag_of_part(name, part, s) for s in stats)
         return tags
 
     def log_stats(self, table: StatsTable, *, step: int, name: str, mode: str) -> None:
         """Write every value of ``table`` at ``step`` as one Event in the run of ``mode``."""
         step = self._check_call(step, table)
+        if self.auto_run_name:
+            self._claim_run_name()
         view = self.budget(table)
         rows = view.table
-        texts = self.label_texts(rows.labels.tolist(), name)
+        labels = rows.labels.tolist()
+        texts = self.label_texts(labels, name)
+        parts = self.label_parts(labels, name, "tag")
         event = event_pb2.Event(step=step, wall_time=time.time())
         add = event.summary.value.add
         columns = (rows.mean, rows.std, rows.min, rows.max, rows.count, rows.mean - rows.std, rows.mean + rows.std)
         values = list(zip(*(c.tolist() for c in columns)))
         nonfinite = rows.nonfinite.tolist()
-        for text, vals, bad in zip(texts, values, nonfinite):
-            tags = self._label_tags(name, text)
+        for part, vals, bad in zip(parts, values, nonfinite):
+            tags = self._label_tags(name, part)
             for tag, value in zip(tags, vals):
                 add(tag=tag, simple_value=value)
             if bad:
@@ -308,34 +318,60 @@ class TensorBoardSink(Sink):
             add(tag=tag, simple_value=view.aggregates.get(stat, float("nan")))
         if view.over_budget:
             self._add_table(add, name, table, view)
-        self._add_layout(event, mode, name, tuple(texts))
+        self._add_layout(event, mode, name, tuple(zip(labels, zip(texts, parts))))
         self._emit(mode, event, f"{len(event.summary.value)} values of {name!r} at step {step}")
 
+    #: Over the label budget, the Text tab's table shows at most this many labels: the half with
+    #: the largest means and the half with the smallest (10 million labels wrote 578 MB per step
+    #: before this bound); the full table is in the CSV/JSONL sinks and MLflow's table artifact.
+    table_rows = 100
+
     def _add_table(self, add: Any, name: str, table: StatsTable, view: BudgetView) -> None:
-        """The full table as a markdown text summary (TensorBoard's Text tab)."""
+        """The worst and best labels as a markdown text summary (TensorBoard's Text tab)."""
         shown = len(view.table)
         worst = "none" if view.worst_label is None else _md(self.label_text(view.worst_label))
+        rows = _worst_and_best(table.mean, self.table_rows)
         lines = [
             f"{len(table)} labels, {shown} with their own series (label budget {self.label_budget}); "
             f"largest mean: {worst}",
             "",
+        ]
+        if len(rows) < len(table):
+            half = self.table_rows // 2
+            lines[-1:] = [f"Showing the {min(half, len(rows))} labels with the largest mean and the "
+                          f"{max(len(rows) - half, 0)} with the smallest, of {len(table)} "
+                          f"({int((table.count == 0).sum())} without finite values); every label is in the "
+                          "CSV/JSONL sinks' files and MLflow's table artifact.", ""]
+        lines += [
             "| label | count | mean | std | min | max | nonfinite |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        cols = zip(table.labels.tolist(), table.count.tolist(), table.mean.tolist(), table.std.tolist(),
-                   table.min.tolist(), table.max.tolist(), table.nonfinite.tolist())
+        part = table.take(rows) if len(rows) < len(table) else table
+        cols = zip(part.labels.tolist(), part.count.tolist(), part.mean.tolist(), part.std.tolist(),
+                   part.min.tolist(), part.max.tolist(), part.nonfinite.tolist())
         for lab, cnt, mean, std, lo, hi, bad in cols:
             lines.append(f"| {_md(self.label_text(lab))} | {cnt} | {mean:.6g} | {std:.6g} | {lo:.6g} | {hi:.6g} | {bad} |")
         tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=["\n".join(lines).encode("utf-8")],
                                         tensor_shape=tensor_shape_pb2.TensorShapeProto())
         add(tag=naming.tb_item_tag(name, "table"), tensor=tensor, metadata=_plugin_metadata("text", _TEXT_CONTENT))
 
-    def _add_layout(self, event: Any, mode: str, name: str, labels: tuple[str, ...]) -> None:
-        """Add the Custom Scalars layout to ``event`` if this run's charts changed or the file is new."""
+    def _add_layout(self, event: Any, mode: str, name: str, labels: tuple[tuple[Any, tuple[str, str]], ...]) -> None:
+        """Add the Custom Scalars layout to ``event`` if this run's charts changed or the file is new.
+
+        ``labels`` are the (label value, (display text, tag part)) pairs of this call; the layout
+        keeps every label a name has had in this run directory, in natural order of the label values."""
         run = str(self.run_dir(mode))
-        charts = self._charts.setdefault(run, {})
-        charts[name] = labels
-        key = tuple(sorted(charts.items()))
+        charted = self._charts.setdefault(run, {}).setdefault(name, {})
+        new = [(lab, text) for lab, text in labels if lab not in charted]
+        if new:
+            charted.update(new)
+            try:
+                ordered = sorted(charted.items(), key=lambda item: natural_key(item[0]))
+            except TypeError:  # labels of mixed types: keep the order they came in
+                ordered = list(charted.items())
+            charted.clear()
+            charted.update(ordered)
+        key = tuple((n, tuple(labs.values())) for n, labs in sorted(self._charts[run].items()))
         if self._layout_written.get(run) == key:
             return
         layout = layout_pb2.Layout(category=[self._category(n, labs) for n, labs in key])
@@ -344,7 +380,12 @@ class TensorBoardSink(Sink):
         event.summary.value.add(tag=LAYOUT_TAG, tensor=tensor, metadata=_plugin_metadata("custom_scalars", b""))
         self._layout_written[run] = key  # if the write fails, the file is dropped and this entry with it
 
-    def _category(self, name: str, labels: tuple[str, ...]) -> "layout_pb2.Category":
+    def _category(self, name: str, labels: tuple[tuple[str, str], ...]) -> "layout_pb2.Category":
+        """The charts of ``name``: every label's mean in one chart, the overview band, then per label."""
+        return layout_pb2.Category(title=naming.visible(str(name)), chart=chart_order(self._charts_of(name, labels)),
+                                   closed=False)
+
+    def _charts_of(self, name: str, labels: tuple[tuple[str, str], ...]) -> list["layout_pb2.Chart"]:
         Series = layout_pb2.MarginChartContent.Series
 
         def chart(title: str, value: str, lower: str, upper: str) -> "layout_pb2.Chart":
@@ -352,12 +393,17 @@ class TensorBoardSink(Sink):
                 series=[Series(value=value, lower=lower, upper=upper)]))
 
         summary = self._label_tags(name, naming.SUMMARY, ("macro_mean", "best_mean", "worst_mean"))
-        charts = [chart("all labels: macro mean, best..worst label mean", *summary)]
-        for text in labels:
-            tags = self._label_tags(name, text)
+        # the overview: every label's mean and the macro mean in one chart (tags are regexes matched
+        # from the start, so they are escaped and anchored), then the band of the label means
+        means = [re.escape(tag) + "$" for tag in (summary[0], *(self._label_tags(name, part)[0] for _, part in labels))]
+        charts = [layout_pb2.Chart(title="all labels: every label's mean, macro mean",
+                                   multiline=layout_pb2.MultilineChartContent(tag=means)),
+                  chart("all labels: macro mean, best..worst label mean", *summary)]
+        for text, part in labels:
+            tags = self._label_tags(name, part)
             charts.append(chart(f"{text}: mean ± std", tags[0], tags[5], tags[6]))
             charts.append(chart(f"{text}: min..max", tags[0], tags[2], tags[3]))
-        return layout_pb2.Category(title=str(name), chart=charts, closed=False)
+        return charts
 
     # ----------------------------------------------------------------- figures
     def log_figure(self, figure: "Figure", *, step: int, name: str, mode: str) -> None:
@@ -365,6 +411,8 @@ class TensorBoardSink(Sink):
         from ..figures import figure_to_png
 
         step = self._check_call(step)
+        if self.auto_run_name:
+            self._claim_run_name()
         png = figure_to_png(figure)
         width, height, channels = _png_size(png)
         image = summary_pb2.Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
@@ -374,6 +422,40 @@ class TensorBoardSink(Sink):
 
     def __repr__(self) -> str:
         return f"TensorBoardSink(logdir={str(self.logdir)!r}, label_budget={self.label_budget}, run_name={self.run_name!r})"
+
+
+def _worst_and_best(mean: np.ndarray, limit: int) -> np.ndarray:
+    """Row positions of the ``limit // 2`` largest means (largest first) then the smallest ones
+    (up to ``limit`` in all, ascending); all rows in table order when there are at most ``limit``.
+    Linear time (``argpartition``): the table may hold millions of labels."""
+    n = len(mean)
+    if n <= limit:
+        return np.arange(n)
+    finite = np.flatnonzero(np.isfinite(mean))
+    m = mean[finite]
+    half = limit // 2
+    if len(finite) <= limit:
+        top = finite[np.argsort(-m, kind="stable")]
+        return top[:limit]
+    hi = np.argpartition(-m, half)[:half]
+    hi = hi[np.argsort(-m[hi], kind="stable")]
+    lo = np.argpartition(m, limit - half)[: limit - half]
+    lo = lo[np.argsort(-m[lo], kind="stable")]
+    return finite[np.concatenate([hi, lo])]
+def chart_order(charts: list[Any]) -> list[Any]:
+    """The order to write the charts of one Custom Scalars category in, so that TensorBoard's
+    frontend shows them in the order of ``charts``.
+
+    The frontend (tensorboard 2.x, ``tf-category-paginated-view``) stamps each chart as two
+    ``dom-if`` templates, multiline then margin, and inserts item ``i`` before child ``i``, so it
+    shows every multiline chart in layout order and then every margin chart in *reverse* layout
+    order (checked with a real server and headless Chromium: a layout written 0..9 showed label 9
+    first). So the multiline charts (which come first in ``charts``) are written first, then the
+    margin charts reversed.
+    """
+    multiline = [c for c in charts if c.WhichOneof("content") == "multiline"]
+    margin = [c for c in charts if c.WhichOneof("content") != "multiline"]
+    return multiline + margin[::-1]
 
 
 def _plugin_metadata(plugin: str, content: bytes) -> "summary_pb2.SummaryMetadata":
