@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_mlflow.py
 	$(PY) benchmarks/bench_figures.py
 	$(PY) benchmarks/bench_fe_trace.py
+	$(PY) benchmarks/bench_distributed.py
 
 # README pictures: band figures, and screenshots of TensorBoard / MLflow on the demo's output
 # (needs Debian's chromium: apt-get install chromium).

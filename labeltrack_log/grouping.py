@@ -752,6 +752,31 @@ class GroupedStats:
                 f"(scale, max_buckets = {theirs[1]}); create both with the same quantile settings"
             )
 
+    def synced(self, group: Any = None) -> "GroupedStats":
+        """The statistics of every rank's samples: a ``torch.distributed`` collective.
+
+        Every rank of ``group`` (None: the default process group) must call it, also a rank that
+        saw no samples. Returns a new accumulator, identical on every rank, equal to one process
+        over the union of all ranks' samples (counts exactly; mean/std/min/max to floating-point
+        rounding, whatever the rank order); this accumulator is left unchanged, so calling it
+        twice never double-counts. Sends O(labels) data, never the samples (see
+        :mod:`labeltrack_log.distributed`); torch is imported only here.
+
+        Raises:
+            ConfigError: torch.distributed is not initialised.
+            InputTypeError: ranks hold different kinds of labels (e.g. ints on one, strings on another).
+            MissingExtraError: torch is not installed.
+
+        Example (run on every rank, e.g. under ``torchrun``)::
+
+            stats = GroupedStats()
+            stats.update(labels_of_my_shard, losses_of_my_shard)
+            table = stats.synced().compute()  # the same global table on every rank
+        """
+        from .distributed import sync_stats
+
+        return sync_stats(self, group)
+
     def compute(self, histograms: bool = False) -> StatsTable:
         """The per-label statistics of everything seen since the last ``reset``.
 

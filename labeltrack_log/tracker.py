@@ -76,6 +76,14 @@ class Tracker:
         max_steps: Steps kept per mode in :attr:`history` (older ones are thinned evenly).
         quantiles: Per-label quantile levels for every mode, e.g. ``(0.1, 0.25, 0.5, 0.75, 0.9)``
             (see :class:`~labeltrack_log.GroupedStats`); the sinks then write ``p10`` ... ``p90``.
+        sync: Multi-process training (``torch.distributed``): ``"auto"`` reduces every epoch
+            across the ranks of the default process group when torch.distributed is initialised
+            with world size > 1 (else the tracker behaves as in one process); a process group
+            reduces across that group; None never reduces. When reducing, :meth:`end_epoch` is a
+            collective (call it on every rank), returns the same global tables on every rank, and
+            :attr:`history` is global on every rank; only rank 0 of the group builds sinks (the
+            other ranks write nothing: no files, runs, spools or child processes), so create the
+            tracker after ``init_process_group``. torch is never imported for ``"auto"``.
         run: The :class:`~labeltrack_log.Run` to attach to; None: a run of its own.
 
     Attributes:
@@ -111,7 +119,8 @@ class Tracker:
                  bounds: str | Iterable[str] = ("std",),
                  max_steps: int = DEFAULT_MAX_STEPS,
                  quantiles: Sequence[float] | None = None,
-                 run: Run | None = None) -> None:
+                 run: Run | None = None,
+                 sync: Any = "auto") -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name: expected a non-empty string, got {name!r}")
         try:
@@ -158,8 +167,9 @@ class Tracker:
         self._run = run if run is not None else Run([])
         self._sinks: list[Sink] | None = None
         self._failed: list[Sink] = []
+        self._sync = sync
         self._run._attach(self)
-        self._open(self._run._sinks_for(sinks, default=self._run_default))
+        self._open(self._run._sinks_for(sinks, default=self._run_default) if self._writes() else [])
 
     @property
     def figures(self) -> str | int | None:
@@ -239,8 +249,9 @@ class Tracker:
             raise InputTypeError(f"modes: expected a string, a list of strings or None, got {modes!r}")
         tables: dict[str, StatsTable] = {}
         sent = False
+        names, step, synced = self._synced_epoch(names, step)
         for mode in names:
-            stats = self._stats.pop(mode, None)
+            stats = synced[mode] if synced is not None else self._stats.pop(mode, None)
             if stats is None:
                 continue
             wants_histograms = any(getattr(sink, "histograms", False) for sink in (self._sinks or []))
@@ -314,6 +325,32 @@ class Tracker:
         run._attach(self)
 
     # ------------------------------------------------------------------ helpers
+    def _synced_epoch(self, names: list[str], step: int) -> tuple[list[str], int, dict[str, GroupedStats] | None]:
+        """Multi-process epoch end: (modes, step, mode -> all ranks' accumulator), or (names, step,
+        None) when not reducing. Every rank reduces every mode that any rank updated (so a rank
+        with no data of a mode still takes part); modes and step come from the gathered lists,
+        so they are the same on every rank (rank 0's step wins if the ranks disagree)."""
+        from .distributed import gather_objects, resolve_group
+
+        reduce, group = resolve_group(self._sync)
+        if not reduce:
+            return names, step, None
+        parts = gather_objects(([mode for mode in names if mode in self._stats], step), group)
+        modes = list(dict.fromkeys(mode for ranks_modes, _ in parts for mode in ranks_modes))
+        steps = {s for _, s in parts}
+        if len(steps) > 1:
+            logger.warning("%s: the ranks ended the epoch at different steps %s; logging rank 0's step %d",
+                           self.name, sorted(steps), parts[0][1])
+        empty = GroupedStats(quantiles=self.quantiles or None)
+        return modes, parts[0][1], {mode: self._stats.pop(mode, empty).synced(group) for mode in modes}
+
+    def _writes(self) -> bool:
+        """Whether this process builds sinks: always, except on ranks other than 0 when reducing."""
+        from .distributed import group_rank, resolve_group
+
+        reduce, group = resolve_group(self._sync)
+        return not reduce or group_rank(group) == 0
+
     def _restrict(self, table: StatsTable) -> StatsTable:
         if self.labels is None:
             return table
@@ -360,7 +397,7 @@ class Tracker:
         """Reopen the sinks from the configuration (after unpickling, or after :meth:`close`), shared
         with any open sink of the same destination."""
         try:
-            sinks = self._run._sinks_for(self._sink_config, default=self._run_default)
+            sinks = self._run._sinks_for(self._sink_config, default=self._run_default) if self._writes() else []
         except Exception:
             logger.error("%s: could not reopen the sinks from %r; continuing without sinks",
                          self.name, self._sink_config, exc_info=True)
@@ -408,7 +445,10 @@ class Tracker:
     # --------------------------------------------------------------------- state
     def __getstate__(self) -> dict[str, Any]:
         """Everything but the open sinks and figures (the sink configuration is kept)."""
-        return {key: value for key, value in self.__dict__.items() if key not in _TRANSIENT}
+        state = {key: value for key, value in self.__dict__.items() if key not in _TRANSIENT}
+        if state.get("_sync") is not None and not isinstance(state["_sync"], str):
+            state["_sync"] = "auto"  # a process group does not pickle; the copy uses the default group
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore ``state``. A live tracker (e.g. FastEstimator's ``System.load_state``) keeps its
@@ -419,6 +459,7 @@ class Tracker:
         self.__dict__.setdefault("_sinks", None)
         self.__dict__.setdefault("_failed", [])
         self.__dict__.setdefault("_renderers", {})
+        self.__dict__.setdefault("_sync", "auto")
         self.__dict__.setdefault("_run_default", False)
         self.__dict__.setdefault("_warned", set())
         if "_run" not in self.__dict__:

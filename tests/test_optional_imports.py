@@ -21,7 +21,7 @@ def test_core_modules_import_nothing_heavy():
     code = (
         "import sys\n"
         "import labeltrack_log, labeltrack_log.sinks, labeltrack_log.sinks.files, labeltrack_log.naming\n"
-        "import labeltrack_log.history, labeltrack_log.figures, labeltrack_log.cli\n"
+        "import labeltrack_log.history, labeltrack_log.figures, labeltrack_log.cli, labeltrack_log.distributed\n"
         "from labeltrack_log import StatsHistory, GroupedStats\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
         "print('matplotlib.pyplot' in sys.modules)\n"

@@ -1,0 +1,168 @@
+"""The rank side of tests/test_distributed.py: one spawned process per rank, real torch.distributed (gloo).
+
+Each rank runs every scenario of :func:`stats_scenarios` through ``GroupedStats.synced`` and then
+a ``Tracker`` with CSV, TensorBoard and MLflow sinks at their default (relative) places inside its
+own working directory, and writes what it got to ``<out>/rank<r>.pkl``. The data are generated here
+by seed, so the test builds the one-process reference from the same functions.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Batches = list[tuple[Any, Any]]
+
+I64 = np.iinfo(np.int64)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([7, *key])
+
+
+def stats_scenarios(world: int) -> dict[str, list[Batches]]:
+    """Scenario name -> each rank's batches (a list of (labels, values) per rank)."""
+    out: dict[str, list[Batches]] = {}
+
+    def ranks(fn):  # fn(rank, rng) -> batches
+        return [fn(r, _rng(len(out), r)) for r in range(world)]
+
+    # Ranks see different label sets; the last rank alone sees label 1000; uneven batch counts.
+    out["different_label_sets"] = ranks(lambda r, g: [
+        (g.integers(r, r + 6, 20 + 3 * b) if r < world - 1 else np.r_[g.integers(r, r + 6, 10), [1000, 1000]],
+         g.normal(r, 1.0 + r, 20 + 3 * b) if r < world - 1 else g.normal(r, 1.0, 12))
+        for b in range(r + 1)])
+    out["string_labels"] = ranks(lambda r, g: [
+        ([["cat", "dog", "eel", "ant" if r == 0 else f"rank{r}"][i] for i in g.integers(0, 4, 30)], g.normal(0, 1, 30))])
+    out["bool_labels"] = ranks(lambda r, g: [
+        (np.ones(8, bool) if r == 0 else np.zeros(9, bool) if r == world - 1 else g.integers(0, 2, 10).astype(bool),
+         g.normal(r, 1, 8 if r == 0 else 9 if r == world - 1 else 10))])
+    # Rank 1 never calls update.
+    out["rank_without_samples"] = ranks(lambda r, g: [] if r == 1 else [(g.integers(0, 5, 40), g.normal(0, 2, 40))])
+    limits = np.array([I64.min, I64.min + 1, -(2**53) - 1, -1, 0, 1, 2**53 + 1, I64.max - 1, I64.max], dtype=np.int64)
+    out["int64_limits"] = ranks(lambda r, g: [(limits[g.integers(0, len(limits), 50)], g.normal(0, 1, 50))])
+    # 100,000 distinct labels over all ranks (wide int64 values: no lookup table), each rank a part.
+    many = (np.arange(100_000, dtype=np.int64) * 92_233_720_368) - 2**62
+    out["100k_labels"] = ranks(lambda r, g: [
+        (many[(np.arange(len(many)) % world) == r], g.normal(0, 1, len(many) // world)),
+        (many[g.integers(0, len(many), 5_000)], g.normal(0, 1, 5_000))])
+    out["nan_on_one_rank"] = ranks(lambda r, g: [
+        (np.array([0, 1, 2, 2, 2, 3]), np.array([1.0, 2.0, np.nan, np.inf, 3.0, np.nan]) if r == 0 else g.normal(0, 1, 6))])
+    out["large_offset"] = ranks(lambda r, g: [(g.integers(0, 3, 200), 1e8 + g.normal(0, 1, 200))])
+    out["nobody_saw_anything"] = ranks(lambda r, g: [])
+    return out
+
+
+def tracker_epochs(world: int) -> list[list[dict[str, Batches]]]:
+    """Per epoch, per rank: mode -> batches. Uneven batch counts, rank 1 has no eval data, NaN on rank 0."""
+    epochs = []
+    for e in range(2):
+        per_rank = []
+        for r in range(world):
+            g = _rng(100 + e, r)
+            train = [(g.integers(0, 10, 16), g.gamma(2.0, 1.0 + r, 16)) for _ in range(2 + r)]
+            if r == 0 and e == 1:
+                train[0][1][:3] = np.nan
+            modes = {"train": train}
+            if r != 1:
+                modes["eval"] = [(g.integers(0, 10, 12), g.gamma(2.0, 1.0, 12))]
+            per_rank.append(modes)
+        epochs.append(per_rank)
+    return epochs
+
+
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def _table(t: Any) -> dict:
+    return t.to_dict()
+
+
+def run(rank: int, world: int, port: int, out: str, workdirs: str) -> None:
+    """Entry point of one rank (torch.multiprocessing passes the rank first)."""
+    try:
+        _run(rank, world, port, Path(out), Path(workdirs))
+    except BaseException:
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
+    import torch.distributed as dist
+
+    from labeltrack_log import GroupedStats, Tracker
+    from labeltrack_log.errors import InputTypeError
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    from labeltrack_log import distributed
+
+    result: dict[str, Any] = {"stats": {}, "stats_reduce": {}}
+    default_gather = distributed._GATHER_MAX_BYTES
+    for key, name, shards in [("stats", n, s) for n, s in stats_scenarios(world).items()] + \
+            [("stats_reduce", n, s) for n, s in stats_scenarios(world).items()]:
+        # "stats_reduce": the same scenarios through the all_reduce branch (as with many ranks x labels)
+        distributed._GATHER_MAX_BYTES = default_gather if key == "stats" else 0
+        g = GroupedStats()
+        for labels, values in shards[rank]:
+            g.update(labels, values)
+        before = g.compute()
+        first = g.synced()
+        second = g.synced()
+        result[key][name] = {
+            "table": _table(first.compute()),
+            "twice_equal": first.compute() == second.compute(),
+            "local_unchanged": g.compute() == before,
+            "merge_again": _table(GroupedStats().merge(first).compute()),
+        }
+    distributed._GATHER_MAX_BYTES = default_gather
+    # Different label kinds on different ranks: every rank raises, nobody hangs.
+    g = GroupedStats()
+    g.update([1, 2] if rank == 0 else ["a", "b"], [1.0, 2.0])
+    try:
+        g.synced()
+        result["kind_mismatch"] = None
+    except InputTypeError as err:
+        result["kind_mismatch"] = str(err)
+
+    # Quantile sketches and the 0/1 flags travel with synced() (issue 13), in both branches.
+    result["quantiles"] = {}
+    for branch in ("gather", "reduce"):
+        distributed._GATHER_MAX_BYTES = default_gather if branch == "gather" else 0
+        for name, shards in stats_scenarios(world).items():
+            g = GroupedStats(quantiles=QUANTILES)
+            for labels, values in shards[rank]:
+                g.update(labels, values)
+            t = g.synced().compute()
+            result["quantiles"][branch, name] = (t.labels.tolist(), [t.quantile(q).tolist() for q in QUANTILES],
+                                                 t.binary.tolist())
+    distributed._GATHER_MAX_BYTES = default_gather
+
+    # Tracker: default CSV/TensorBoard/MLflow places, relative to this rank's own working directory.
+    os.chdir(workdirs / f"rank{rank}")
+    epochs = tracker_epochs(world)
+    returned = []
+    with Tracker("loss_by_y", sinks=["csv", "tensorboard", "mlflow"], figures="end") as tracker, \
+            Tracker("loss_by_y", sinks=None, sync=None, figures=None) as local:
+        result["num_sinks"] = len(tracker.sinks)
+        for e, per_rank in enumerate(epochs):
+            for mode, batches in per_rank[rank].items():
+                for labels, values in batches:
+                    tracker.update(labels, values, mode=mode)
+                    local.update(labels, values, mode=mode)
+            tables = tracker.end_epoch(step=100 * (e + 1))
+            returned.append({mode: _table(t) for mode, t in tables.items()})
+            result.setdefault("local", []).append({m: _table(t) for m, t in local.end_epoch(step=100 * (e + 1)).items()})
+    result["returned"] = returned
+    result["history"] = {mode: [(s, _table(t)) for s, t in tracker.history.items("loss_by_y", mode)]
+                         for mode in tracker.history.modes("loss_by_y")}
+    dist.barrier()
+    dist.destroy_process_group()
+    (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
