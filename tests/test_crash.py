@@ -180,7 +180,7 @@ def check_tensorboard(tb: tuple[Series, dict[str, list[int]]], crash: Crash) -> 
 def tb_key(mlflow_key_: str) -> str:
     """The TensorBoard tag of the same value as an MLflow key ``<name>/<mode>/<label>/<stat>``."""
     _, _, label, stat = mlflow_key_.split("/")
-    return tb_tag(NAME, label, stat)
+    return tb_tag(NAME, SUMMARY if label == SUMMARY else label, stat)  # the reserved aggregate is told by its type
 
 
 def expected_keys(crash: Crash) -> dict[str, list[int]]:
