@@ -43,7 +43,7 @@ test-full: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-core: $(CORE_STAMP)
-	$(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider -m core tests/test_grouping.py tests/test_extreme_values.py tests/test_optional_imports.py tests/test_fuzz.py tests/test_tracker.py
+	$(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider -m core tests/test_grouping.py tests/test_extreme_values.py tests/test_optional_imports.py tests/test_fuzz.py tests/test_tracker.py tests/test_quantiles.py tests/test_ci.py tests/test_run.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_grouping.py
