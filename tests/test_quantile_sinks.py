@@ -173,7 +173,7 @@ def test_mlflow_quantile_keys_in_an_sqlite_store(tmp_path):
     uri = f"sqlite:///{(tmp_path / 'm.db').as_posix()}"
     with MLflowSink(uri, experiment="quantiles") as sink:
         sink.log_stats(t, step=3, name="ce", mode="eval")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close (inside, it waits `timeout`, 5 s: a first sqlite store can take longer)
     client = MlflowClient(uri)
     for q, stat in zip(LEVELS, QSTATS):
         hist = client.get_metric_history(run_id, f"ce/eval/1/{stat}")
@@ -284,7 +284,7 @@ def test_mlflow_ci_keys_for_zero_one_labels(tmp_path):
     uri = f"sqlite:///{(tmp_path / 'm.db').as_posix()}"
     with MLflowSink(uri, experiment="ci") as sink:
         sink.log_stats(t, step=2, name="acc", mode="eval")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close (inside, it waits `timeout`, 5 s: a first sqlite store can take longer)
     client = MlflowClient(uri)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/eval/0/ci_low")] == [(2, float(lo[0]))]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/eval/1/ci_high")] == [(2, float(hi[1]))]
