@@ -341,3 +341,33 @@ def test_tensorboard_histograms_without_quantiles_warn_once(tmp_path, caplog):
         sink.log_stats(g.compute(), step=1, name="ce", mode="eval")
         sink.log_stats(g.compute(), step=2, name="ce", mode="eval")
     assert caplog.text.count("has no sketch buckets") == 1
+
+
+# ------------------------------------------------ the full table over the label budget
+def test_mlflow_table_artifact_has_the_csv_sinks_columns_and_reads_back(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from labeltrack_log.cli import main
+    from labeltrack_log.sinks.mlflow import MLflowSink
+
+    t = quantile_table(10, labels=30, n=3000)
+    uri = f"sqlite:///{(tmp_path / 'm.db').as_posix()}"
+    with MLflowSink(uri, experiment="table", label_budget=5) as sink:
+        sink.log_stats(t, step=4, name="ce", mode="eval")
+    run_id = sink.run_id  # after close (inside, it waits `timeout`, 5 s: a first sqlite store can take longer)
+    with CSVSink(tmp_path / "sink.csv") as csv_sink:
+        csv_sink.log_stats(t, step=4, name="ce", mode="eval")
+    client = MlflowClient(uri)
+    assert [f.path for f in client.list_artifacts(run_id, "tables")] == ["tables/ce_eval_step4.csv"]
+    local = client.download_artifacts(run_id, "tables/ce_eval_step4.csv", str(tmp_path))
+    with open(local, newline="") as fh, open(tmp_path / "sink.csv", newline="") as fh2:
+        header, sink_header = next(csv.reader(fh)), next(csv.reader(fh2))
+    assert header == sink_header and header[-5:] == list(QSTATS)  # the CSVSink's columns, one code path
+    got = StatsHistory.from_file(local).latest("ce", "eval")
+    np.testing.assert_array_equal(got.labels, t.labels)
+    assert got.quantile_levels == LEVELS
+    for q in LEVELS:
+        np.testing.assert_array_equal(got.quantile(q), t.quantile(q))  # repr floats: exact
+    assert main(["render", local, "-o", str(tmp_path / "png"), "--bound", "quantile"]) == 0
+    assert list((tmp_path / "png").glob("*.png"))
