@@ -344,6 +344,67 @@ def test_tensorboard_histograms_without_quantiles_warn_once(tmp_path, caplog):
 
 
 # ------------------------------------------------ the full table over the label budget
+def _markdown_rows(text: str) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows as dicts) of the markdown table in a TensorBoard text summary."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return split[0], [dict(zip(split[0], cells)) for cells in split[1:]]
+
+
+def _tb_table_text(logdir, mode: str, tag: str) -> str:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir / mode), size_guidance={"tensors": 0}).Reload()
+    (event,) = acc.Tensors(tag)
+    return event.tensor_proto.string_val[0].decode("utf-8")
+
+
+def test_tensorboard_table_over_the_budget_shows_median_and_outer_levels(tmp_path):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    t = quantile_table(9, labels=150, n=15000)
+    with TensorBoardSink(tmp_path / "tb", run_name="r", label_budget=5) as sink:
+        sink.log_stats(t, step=3, name="ce", mode="eval")
+        bound = sink.table_rows
+    header, rows = _markdown_rows(_tb_table_text(tmp_path / "tb" / "r", "eval", "ce/table"))
+    assert header == ["label", "count", "mean", "std", "min", "max", "nonfinite", "p10", "p50", "p90"]
+    assert len(rows) == bound == 100  # still the 100-row bound
+    index = {lab: i for i, lab in enumerate(t.labels.tolist())}
+    for row in rows:
+        i = index[int(row["label"])]
+        for q, stat in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
+            assert row[stat] == f"{t.quantile(q)[i]:.6g}"
+
+
+def test_tensorboard_table_shows_the_ci_of_zero_one_labels_only(tmp_path):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    t = zero_one_table(2)  # labels 0 and 1 are 0/1, label 2 is not
+    lo, hi = t.confidence_interval()
+    with TensorBoardSink(tmp_path / "tb", run_name="r", label_budget=1) as sink:
+        sink.log_stats(t, step=1, name="acc", mode="eval")
+    header, rows = _markdown_rows(_tb_table_text(tmp_path / "tb" / "r", "eval", "acc/table"))
+    assert header[-2:] == ["ci_low", "ci_high"] and not any(h.startswith("p") for h in header)
+    by_label = {int(r["label"]): r for r in rows}
+    for lab in (0, 1):
+        assert (by_label[lab]["ci_low"], by_label[lab]["ci_high"]) == (f"{lo[lab]:.6g}", f"{hi[lab]:.6g}")
+    assert by_label[2]["ci_low"] == by_label[2]["ci_high"] == ""
+
+
+def test_tensorboard_table_without_quantiles_keeps_its_columns(tmp_path):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    g = GroupedStats()
+    g.update(np.arange(10), np.linspace(0.5, 3.0, 10))
+    with TensorBoardSink(tmp_path / "tb", run_name="r", label_budget=2) as sink:
+        sink.log_stats(g.compute(), step=1, name="ce", mode="eval")
+    header, rows = _markdown_rows(_tb_table_text(tmp_path / "tb" / "r", "eval", "ce/table"))
+    assert header == ["label", "count", "mean", "std", "min", "max", "nonfinite"] and len(rows) == 10
+
+
 def test_mlflow_table_artifact_has_the_csv_sinks_columns_and_reads_back(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
