@@ -173,7 +173,7 @@ def test_mlflow_quantile_keys_in_an_sqlite_store(tmp_path):
     uri = f"sqlite:///{(tmp_path / 'm.db').as_posix()}"
     with MLflowSink(uri, experiment="quantiles") as sink:
         sink.log_stats(t, step=3, name="ce", mode="eval")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close (inside, it waits `timeout`, 5 s: a first sqlite store can take longer)
     client = MlflowClient(uri)
     for q, stat in zip(LEVELS, QSTATS):
         hist = client.get_metric_history(run_id, f"ce/eval/1/{stat}")
@@ -284,7 +284,7 @@ def test_mlflow_ci_keys_for_zero_one_labels(tmp_path):
     uri = f"sqlite:///{(tmp_path / 'm.db').as_posix()}"
     with MLflowSink(uri, experiment="ci") as sink:
         sink.log_stats(t, step=2, name="acc", mode="eval")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close (inside, it waits `timeout`, 5 s: a first sqlite store can take longer)
     client = MlflowClient(uri)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/eval/0/ci_low")] == [(2, float(lo[0]))]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/eval/1/ci_high")] == [(2, float(hi[1]))]
@@ -341,3 +341,94 @@ def test_tensorboard_histograms_without_quantiles_warn_once(tmp_path, caplog):
         sink.log_stats(g.compute(), step=1, name="ce", mode="eval")
         sink.log_stats(g.compute(), step=2, name="ce", mode="eval")
     assert caplog.text.count("has no sketch buckets") == 1
+
+
+# ------------------------------------------------ the full table over the label budget
+def _markdown_rows(text: str) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows as dicts) of the markdown table in a TensorBoard text summary."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return split[0], [dict(zip(split[0], cells)) for cells in split[1:]]
+
+
+def _tb_table_text(logdir, mode: str, tag: str) -> str:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir / mode), size_guidance={"tensors": 0}).Reload()
+    (event,) = acc.Tensors(tag)
+    return event.tensor_proto.string_val[0].decode("utf-8")
+
+
+def test_tensorboard_table_over_the_budget_shows_median_and_outer_levels(tmp_path):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    t = quantile_table(9, labels=150, n=15000)
+    with TensorBoardSink(tmp_path / "tb", run_name="r", label_budget=5) as sink:
+        sink.log_stats(t, step=3, name="ce", mode="eval")
+        bound = sink.table_rows
+    header, rows = _markdown_rows(_tb_table_text(tmp_path / "tb" / "r", "eval", "ce/table"))
+    assert header == ["label", "count", "mean", "std", "min", "max", "nonfinite", "p10", "p50", "p90"]
+    assert len(rows) == bound == 100  # still the 100-row bound
+    index = {lab: i for i, lab in enumerate(t.labels.tolist())}
+    for row in rows:
+        i = index[int(row["label"])]
+        for q, stat in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
+            assert row[stat] == f"{t.quantile(q)[i]:.6g}"
+
+
+def test_tensorboard_table_shows_the_ci_of_zero_one_labels_only(tmp_path):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    t = zero_one_table(2)  # labels 0 and 1 are 0/1, label 2 is not
+    lo, hi = t.confidence_interval()
+    with TensorBoardSink(tmp_path / "tb", run_name="r", label_budget=1) as sink:
+        sink.log_stats(t, step=1, name="acc", mode="eval")
+    header, rows = _markdown_rows(_tb_table_text(tmp_path / "tb" / "r", "eval", "acc/table"))
+    assert header[-2:] == ["ci_low", "ci_high"] and not any(h.startswith("p") for h in header)
+    by_label = {int(r["label"]): r for r in rows}
+    for lab in (0, 1):
+        assert (by_label[lab]["ci_low"], by_label[lab]["ci_high"]) == (f"{lo[lab]:.6g}", f"{hi[lab]:.6g}")
+    assert by_label[2]["ci_low"] == by_label[2]["ci_high"] == ""
+
+
+def test_tensorboard_table_without_quantiles_keeps_its_columns(tmp_path):
+    pytest.importorskip("tensorboard")
+    from labeltrack_log.sinks.tensorboard import TensorBoardSink
+
+    g = GroupedStats()
+    g.update(np.arange(10), np.linspace(0.5, 3.0, 10))
+    with TensorBoardSink(tmp_path / "tb", run_name="r", label_budget=2) as sink:
+        sink.log_stats(g.compute(), step=1, name="ce", mode="eval")
+    header, rows = _markdown_rows(_tb_table_text(tmp_path / "tb" / "r", "eval", "ce/table"))
+    assert header == ["label", "count", "mean", "std", "min", "max", "nonfinite"] and len(rows) == 10
+
+
+def test_mlflow_table_artifact_has_the_csv_sinks_columns_and_reads_back(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from labeltrack_log.cli import main
+    from labeltrack_log.sinks.mlflow import MLflowSink
+
+    t = quantile_table(10, labels=30, n=3000)
+    uri = f"sqlite:///{(tmp_path / 'm.db').as_posix()}"
+    with MLflowSink(uri, experiment="table", label_budget=5) as sink:
+        sink.log_stats(t, step=4, name="ce", mode="eval")
+    run_id = sink.run_id  # after close (inside, it waits `timeout`, 5 s: a first sqlite store can take longer)
+    with CSVSink(tmp_path / "sink.csv") as csv_sink:
+        csv_sink.log_stats(t, step=4, name="ce", mode="eval")
+    client = MlflowClient(uri)
+    assert [f.path for f in client.list_artifacts(run_id, "tables")] == ["tables/ce_eval_step4.csv"]
+    local = client.download_artifacts(run_id, "tables/ce_eval_step4.csv", str(tmp_path))
+    with open(local, newline="") as fh, open(tmp_path / "sink.csv", newline="") as fh2:
+        header, sink_header = next(csv.reader(fh)), next(csv.reader(fh2))
+    assert header == sink_header and header[-5:] == list(QSTATS)  # the CSVSink's columns, one code path
+    got = StatsHistory.from_file(local).latest("ce", "eval")
+    np.testing.assert_array_equal(got.labels, t.labels)
+    assert got.quantile_levels == LEVELS
+    for q in LEVELS:
+        np.testing.assert_array_equal(got.quantile(q), t.quantile(q))  # repr floats: exact
+    assert main(["render", local, "-o", str(tmp_path / "png"), "--bound", "quantile"]) == 0
+    assert list((tmp_path / "png").glob("*.png"))

@@ -6,11 +6,14 @@ The tidy row schema (one row per step x mode x label, append-only, loadable with
 
     wall_time, name, mode, step, label, label_name, count, mean, std, min, max, nonfinite
 
-``label`` is the label value (text in CSV), ``label_name`` its display name as given by the label
-names, even where two labels share one (the ``label`` column tells them apart; the series names
-of the other sinks add `` (<label>)`` instead, see :meth:`~labeltrack_log.sinks.Sink.label_texts`).
-:func:`tidy_rows` builds these rows and :func:`csv_text` formats them, for these sinks and for the
-table artifact of the MLflow sink.
+followed, when the table tracks quantiles, by one column per level (``p10``, ``p25``, ``p50``, ...,
+:func:`labeltrack_log.naming.quantile_stat`). ``label`` is the label value (text in CSV),
+``label_name`` its display name as given by the label names, even where two labels share one (the
+``label`` column tells them apart; the series names of the other sinks add `` (<label>)`` instead,
+see :meth:`~labeltrack_log.sinks.Sink.label_texts`). :func:`table_columns` names the columns of a
+table, :func:`tidy_rows` builds its rows in that order and :func:`csv_text` formats them; these
+sinks and the MLflow sink's table artifact (:func:`table_csv`, the same format as a CSVSink file)
+all go through them.
 
 File sinks ignore the label budget: a file holds every label (that is where the full table goes).
 """
@@ -25,9 +28,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Hashable, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Hashable, Mapping, Sequence
 
 from ..errors import ConfigError
 from ..grouping import StatsTable
@@ -38,16 +39,29 @@ from . import DEFAULT_LABEL_BUDGET, Sink, ensure_writable_dir
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["CSVSink", "JSONLSink", "ImageDirSink", "FIELDS", "tidy_rows", "csv_text"]
+__all__ = ["CSVSink", "JSONLSink", "ImageDirSink", "FIELDS", "table_columns", "tidy_rows", "csv_text", "table_csv"]
 
 logger = logging.getLogger(__name__)
 
 FIELDS = FILE_COLUMNS  # the tidy-row schema, defined once in history.py (which reads these files)
 
 
+def table_columns(table: StatsTable) -> tuple[str, ...]:
+    """The columns the file sinks write for ``table``: :data:`FIELDS`, then one per quantile level
+    it tracks (``p10``, ``p50``, ... in level order; none without quantiles).
+
+    Example:
+        >>> from labeltrack_log import GroupedStats
+        >>> g = GroupedStats(quantiles=(0.1, 0.5, 0.9)); g.update([0], [1.0])
+        >>> table_columns(g.compute())[-4:]
+        ('nonfinite', 'p10', 'p50', 'p90')
+    """
+    return FIELDS + quantile_stats(table.quantile_levels)
+
+
 def tidy_rows(table: StatsTable, *, step: int, name: str, mode: str,
               label_names: Mapping[Any, str] | None = None) -> list[tuple]:
-    """The rows of ``table`` in the :data:`FIELDS` order, one per label, stamped with the time now.
+    """The rows of ``table`` in the :func:`table_columns` order, one per label, stamped with the time now.
 
     Example:
         >>> t = StatsTable([3], [2], [0.5], [0.1], [0.4], [0.6], [0])
@@ -56,22 +70,32 @@ def tidy_rows(table: StatsTable, *, step: int, name: str, mode: str,
     """
     now = time.time()
     cols = table.to_dict()
-    return [
-        (now, name, mode, step, lab, label_text(lab, label_names), *vals)
-        for lab, *vals in zip(cols["labels"], cols["count"], cols["mean"], cols["std"], cols["min"], cols["max"], cols["nonfinite"])
-    ]
+    columns = [cols["labels"], cols["count"], cols["mean"], cols["std"], cols["min"], cols["max"], cols["nonfinite"]]
+    columns += [table.quantile(q).tolist() for q in table.quantile_levels]
+    return [(now, name, mode, step, lab, label_text(lab, label_names), *vals) for lab, *vals in zip(*columns)]
 
 
-def csv_text(rows: list[tuple], header: bool = False) -> str:
-    """Rows of :func:`tidy_rows` as CSV text (after a :data:`FIELDS` header line if ``header``).
+def csv_text(rows: list[tuple], header: bool | Sequence[str] = False) -> str:
+    """Rows of :func:`tidy_rows` as CSV text, after a header line if ``header``: the given column
+    names, or :data:`FIELDS` for ``True``.
     Floats are written with ``repr``: they round-trip exactly, NaN/inf as ``nan``, ``inf``, ``-inf``."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     if header:
-        writer.writerow(FIELDS)
+        writer.writerow(FIELDS if header is True else header)
     for row in rows:
         writer.writerow([repr(v) if isinstance(v, float) else visible(v) if isinstance(v, str) else v for v in row])
     return buf.getvalue()
+
+
+def table_csv(table: StatsTable, *, step: int, name: str, mode: str,
+              label_names: Mapping[Any, str] | None = None) -> str:
+    """Every label of ``table`` as CSV text with its header: what a new :class:`CSVSink` file holds
+    after this one table (same columns, quantiles included), so
+    :meth:`labeltrack_log.StatsHistory.from_file` and ``labeltrack-log render`` read it back.
+    The MLflow sink's table artifact over the label budget."""
+    rows = tidy_rows(table, step=step, name=name, mode=mode, label_names=label_names)
+    return csv_text(rows, header=table_columns(table))
 
 
 class _RowSink(Sink):
@@ -118,16 +142,11 @@ class _RowSink(Sink):
         step = self._check_call(step, table)
         f = self._open()
         rows = tidy_rows(table, step=step, name=name, mode=mode, label_names=self.label_names)
-        qstats = quantile_stats(table.quantile_levels)
-        if qstats:
-            self._quantiles = (qstats, np.stack([table.quantile(q) for q in table.quantile_levels], axis=1).tolist())
-        f.write(self._format(rows))
-        self._quantiles = ((), [])
+        f.write(self._format(rows, table_columns(table)))
         self.flush()
 
-    _quantiles: tuple[tuple[str, ...], list[list[float]]] = ((), [])  # of the table being written
-
-    def _format(self, rows: list[tuple]) -> str:
+    def _format(self, rows: list[tuple], columns: tuple[str, ...]) -> str:
+        """The text of ``rows`` (of :func:`tidy_rows`, in the order of ``columns``)."""
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -183,27 +202,25 @@ class CSVSink(_RowSink):
                 self._columns = FIELDS
         return f
 
-    def _format(self, rows: list[tuple]) -> str:
+    def _format(self, rows: list[tuple], columns: tuple[str, ...]) -> str:
         if rows and isinstance(rows[0][4], str):
             rows = self._distinct_labels(rows)
-        qstats, qvalues = self._quantiles
-        extra = tuple(c for c in self._columns if c not in FIELDS)
-        if qstats and tuple(qstats) != extra:
-            if self._header_only:  # nothing written yet: the header takes this table's quantile columns
+        if columns != self._columns and columns[len(FIELDS):]:  # the table has quantile columns the header lacks
+            if self._header_only:  # nothing written yet: the header takes this table's columns
                 self._file.seek(0)
                 self._file.truncate()
-                self._columns, extra = FIELDS + tuple(qstats), tuple(qstats)
-                self._file.write(",".join(self._columns) + "\r\n")
+                self._columns = columns
+                self._file.write(csv_text([], header=columns))
             elif not getattr(self, "_warned_columns", False):
                 self._warned_columns = True
                 logger.warning("CSVSink %s: its header has quantile columns %s, the table has %s; "
                                "only the header's columns are written (use a new file for other levels)",
-                               self.path, list(extra), list(qstats))
+                               self.path, list(self._columns[len(FIELDS):]), list(columns[len(FIELDS):]))
         self._header_only = self._header_only and not rows
-        if not extra:
-            return csv_text(rows)
-        lookup = [dict(zip(qstats, vals)) for vals in qvalues] if qstats else [{} for _ in rows]
-        return csv_text([(*row, *(q.get(c, math.nan) for c in extra)) for row, q in zip(rows, lookup)])
+        if columns != self._columns:  # the file's header decides: its columns, NaN for levels the table lacks
+            where = {c: i for i, c in enumerate(columns)}
+            rows = [tuple(row[where[c]] if c in where else math.nan for c in self._columns) for row in rows]
+        return csv_text(rows)
 
     def _distinct_labels(self, rows: list[tuple]) -> list[tuple]:
         """CSV text cannot hold a lone surrogate (``"caf\\udce9"``): such a label is written
@@ -242,16 +259,14 @@ class JSONLSink(_RowSink):
     _what = "JSONLSink"
     _default = "labeltrack.jsonl"
 
-    def _format(self, rows: list[tuple]) -> str:
+    def _format(self, rows: list[tuple], columns: tuple[str, ...]) -> str:
         out = []
-        qstats, qvalues = self._quantiles
-        for i, row in enumerate(rows):
-            obj = dict(zip(FIELDS, row))
-            for key in ("mean", "std", "min", "max"):
+        floats = ("mean", "std", "min", "max", *columns[len(FIELDS):])  # quantile columns: floats too
+        for row in rows:
+            obj = dict(zip(columns, row))
+            for key in floats:
                 if not math.isfinite(obj[key]):
                     obj[key] = None
-            if qstats:
-                obj.update((s, v if math.isfinite(v) else None) for s, v in zip(qstats, qvalues[i]))
             out.append(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
         return "".join(out)  # nothing at all for a table without labels (not a blank line)
 

@@ -55,7 +55,7 @@ from ._delivery import SUPPORTED as PROCESS_SUPPORTED
 from ._delivery import Channel, DeliveryProcess
 from ._spool import (Spool, check_uri, deliver, find_or_create_run, get_existing, http_limits, import_mlflow, is_http,
                      is_transient, open_client, png_b64, replay_spool, short_error)
-from .files import csv_text, tidy_rows
+from .files import table_csv
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -126,8 +126,10 @@ class MLflowSink(Sink):
     ``nonfinite`` when non-zero) and ``<name>/<mode>/_summary/<aggregate>`` (``macro_mean``,
     ``worst_mean``, ``best_mean``, ``spread``, ``num_labels``, ``nonfinite``) at every step. Over the
     label budget only the budget's labels get metrics and the full table is stored as the artifact
-    ``tables/<name>_<mode>_step<step>.csv``. Figures go to ``log_image`` with key
-    ``<name>/<mode>/figure`` (the Image grid shows them with a step slider).
+    ``tables/<name>_<mode>_step<step>.csv``, in the format of a :class:`~labeltrack_log.sinks.CSVSink`
+    file (quantile columns included; :meth:`labeltrack_log.StatsHistory.from_file` reads it).
+    Figures go to ``log_image`` with key ``<name>/<mode>/figure`` (the Image grid shows them with a
+    step slider).
 
     The run's tag ``labeltrack.names`` lists the tracked names it holds (``"loss_by_y,acc_by_y"``,
     in the order they were first logged; updated in the request of a new name's first metrics), so a
@@ -435,9 +437,9 @@ class MLflowSink(Sink):
             self._names.append(name)
             ops[0]["tags"] = {NAMES_TAG: ",".join(self._names)}
         if view.over_budget:
-            tidy = tidy_rows(table, step=step, name=name, mode=mode, label_names=self.label_names)  # every label
-            ops.append(self._op("text", step=step, path=f"tables/{table_file(name, mode, step)}",
-                                text=csv_text(tidy, header=True)))
+            # every label, in a CSVSink file's format (quantile columns too): StatsHistory.from_file reads it
+            text = table_csv(table, step=step, name=name, mode=mode, label_names=self.label_names)
+            ops.append(self._op("text", step=step, path=f"tables/{table_file(name, mode, step)}", text=text))
         return ops
 
     # ------------------------------------------------------------------ delivery

@@ -14,7 +14,9 @@ both import it). Layout on disk and in TensorBoard:
 * one Event per :meth:`TensorBoardSink.log_stats` call holding every value of that call:
   ``<name>/<label>/{mean,std,min,max,count,mean-std,mean+std}``, ``<name>/<label>/nonfinite``
   when non-zero, and aggregates across all labels under ``<name>/_summary/...``;
-* over the label budget, the full table as a markdown text summary ``<name>/table``;
+* over the label budget, the full table as a markdown text summary ``<name>/table`` (at most
+  :attr:`TensorBoardSink.table_rows` labels; with quantiles it adds the outermost tracked levels and
+  the median, ``p10``, ``p50``, ``p90``, and for 0/1 labels ``ci_low``/``ci_high``);
 * a Custom Scalars layout, one category per tracked name: first the margin chart ``macro mean,
   best..worst`` across labels, then one chart overlaying every label's mean, then per label (in
   natural order) ``mean ± std`` and ``min..max``. TensorBoard reads one layout per run directory
@@ -109,6 +111,28 @@ def _png_size(png: bytes) -> tuple[int, int, int]:
         raise ValueError("figure_to_png: expected PNG bytes with an IHDR chunk")
     width, height = struct.unpack(">II", png[16:24])
     return width, height, {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(png[25], 4)
+
+
+def _table_extras(table: StatsTable) -> tuple[tuple[str, ...], list[list[float | None]]]:
+    """The text table's columns after ``nonfinite`` and their values (None: an empty cell): with
+    quantiles the outermost tracked levels and the median (``p10``, ``p50``, ``p90``: the levels of
+    the "median with p10..p90" chart), and where some label is a 0/1 metric ``ci_low``/``ci_high``
+    (for those labels only, as their scalar tags)."""
+    names: list[str] = []
+    values: list[list[float | None]] = []
+    levels = dict(zip(naming.quantile_stats(table.quantile_levels), table.quantile_levels))
+    if levels:
+        stats = tuple(levels)
+        for stat in dict.fromkeys((stats[0], "p50", stats[-1])):  # in this order, each once
+            if stat in levels:
+                names.append(stat)
+                values.append(table.quantile(levels[stat]).tolist())
+    if table.binary.any():
+        lo, hi = table.confidence_interval()
+        binary = table.binary.tolist()
+        names += CI_STATS
+        values += [[v if b else None for v, b in zip(col.tolist(), binary)] for col in (lo, hi)]
+    return tuple(names), values
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
@@ -400,15 +424,18 @@ class TensorBoardSink(Sink):
                           f"{max(len(rows) - half, 0)} with the smallest, of {len(table)} "
                           f"({int((table.count == 0).sum())} without finite values); every label is in the "
                           "CSV/JSONL sinks' files and MLflow's table artifact.", ""]
-        lines += [
-            "| label | count | mean | std | min | max | nonfinite |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
         part = table.take(rows) if len(rows) < len(table) else table
+        extra, extra_cols = _table_extras(part)
+        lines += [
+            "| label | count | mean | std | min | max | nonfinite |" + "".join(f" {c} |" for c in extra),
+            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra),
+        ]
         cols = zip(part.labels.tolist(), part.count.tolist(), part.mean.tolist(), part.std.tolist(),
-                   part.min.tolist(), part.max.tolist(), part.nonfinite.tolist())
-        for lab, cnt, mean, std, lo, hi, bad in cols:
-            lines.append(f"| {_md(self.label_text(lab))} | {cnt} | {mean:.6g} | {std:.6g} | {lo:.6g} | {hi:.6g} | {bad} |")
+                   part.min.tolist(), part.max.tolist(), part.nonfinite.tolist(), *extra_cols)
+        for lab, cnt, mean, std, lo, hi, bad, *more in cols:
+            cells = "".join(" |" if v is None else f" {v:.6g} |" for v in more)
+            lines.append(f"| {_md(self.label_text(lab))} | {cnt} | {mean:.6g} | {std:.6g} | {lo:.6g} | {hi:.6g} | {bad} |"
+                         + cells)
         tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=["\n".join(lines).encode("utf-8")],
                                         tensor_shape=tensor_shape_pb2.TensorShapeProto())
         add(tag=naming.tb_item_tag(name, "table"), tensor=tensor, metadata=_plugin_metadata("text", _TEXT_CONTENT))
