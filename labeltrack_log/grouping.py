@@ -393,12 +393,14 @@ class GroupedStats:
             ``(0.1, 0.25, 0.5, 0.75, 0.9)``: each label then also keeps a base-2 exponential
             histogram (:mod:`labeltrack_log.sketch`), and every estimate is within 0.54% relative
             error of a sample quantile of its label (the order statistic at floor or ceil of
-            ``q * (n - 1)``) and inside the label's exact [min, max]. Memory: 16 bytes per bucket
-            in use, at most 64 buckets per power of two a label's values span (a loss from 1e-4 to
-            10 uses at most ~1,100 buckets, 17 KB), independent of the number of samples.
+            ``q * (n - 1)``) and inside the label's exact [min, max]. Memory: a row of 4-byte
+            counts per label, 64 buckets per power of two its values span plus headroom (losses
+            from 1e-4 to 10: ~1,400 cells, 5.6 KB), independent of the number of samples; for
+            very many labels only the buckets in use (16 bytes each).
         quantile_scale: the sketch's resolution (6: 0.54%; each step down doubles the error).
-        quantile_max_buckets: the most buckets held over all labels (16 bytes each; default 4M,
-            64 MB); beyond it the scale is lowered and a warning logged.
+        quantile_max_buckets: the most buckets held over all labels (dense cells of 4 bytes, or
+            sparse buckets of 16 bytes; default 4M, at most 64 MB); beyond it the scale is
+            lowered and a warning logged.
 
     Example:
         >>> g = GroupedStats()

@@ -9,12 +9,16 @@ margins) and anything from 1e-308 to 1e308 are handled alike. A bucket is report
 ``2 * base**(i+1) / (1 + base)``, which is within ``(base - 1) / (base + 1)`` relative error of
 every value in it: 0.54% at the default scale 6 (DDSketch's relative-accuracy guarantee).
 
-Storage is sparse: one sorted int64 key per (slot, bucket) actually used plus its int64 count,
-16 bytes a bucket. The key sorts by slot, then by value, so a quantile of every label is one
-``cumsum`` and one ``searchsorted``. Memory is bounded by ``max_buckets``: when an update or a
-merge would hold more buckets than that, the scale is lowered (each step merges pairs of
-adjacent buckets, ``i -> i >> 1``, halving the resolution, as OpenTelemetry does) and a
-warning is logged with the new relative accuracy.
+Storage has two modes. Dense (the default): a row of int32 counts per label over the label's own
+range of buckets (each row has its own offset; one width for all), so an update is one
+``np.add.at`` for every label at once and a quantile of every label one pass over the matrix.
+Sparse (when dense rows would exceed ``max_buckets`` cells: very many labels, or labels on very
+different ranges): one sorted int64 key per (slot, bucket) actually used plus its int64 count,
+16 bytes a bucket, keys sorted by slot, then value, so a quantile of every label is one ``cumsum``
+and one ``searchsorted``. Only when even the buckets in use exceed ``max_buckets`` is the scale
+lowered (each step merges pairs of adjacent buckets, ``i -> i >> 1``, halving the resolution, as
+OpenTelemetry does) and a warning logged with the new relative accuracy. Memory is therefore at
+most 16 bytes x ``max_buckets`` (64 MB by default), whatever the number of samples.
 
 Merging adds counts bucket by bucket after both sides are brought to the lower scale, so it is
 exact: merge(A, B) holds the very buckets one sketch over A's and B's samples would.
@@ -99,18 +103,22 @@ def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nd
 class ExpHistograms:
     """One base-2 exponential histogram per slot (label), updated for all slots at once.
 
-    Layout: for each sign a dense int64 matrix ``(slots, width)``; row k counts slot k's buckets
-    ``offset[k] .. offset[k] + width - 1``, so an update is one ``np.add.at`` over the chunk
-    (no sort). Each row has its own offset (labels on different scales cost no extra width);
-    the width is the widest span any label needs, plus headroom. Exact zeros have a count of
-    their own. Memory: ``8 * slots * (pos width + neg width + 1)`` bytes, bounded by
-    ``max_buckets`` cells.
+    Layout: for each sign a dense int32 matrix ``(slots, width)`` (int64 once the values ever
+    added could overflow a cell); row k counts slot k's buckets ``offset[k] .. offset[k] + width
+    - 1``, so an update is one ``np.add.at`` over the chunk (no sort). Each row has its own offset
+    (labels on different scales cost no extra width); the width is the widest span any label
+    needs, plus headroom, in whole blocks of 64. Exact zeros have a count of their own. Memory:
+    ``4 * slots * (pos width + neg width + 1)`` bytes. When that would exceed ``max_buckets``
+    cells the sketch switches to sparse keys and counts (16 bytes a bucket in use, see the module
+    docstring); the scale is lowered only when those exceed ``max_buckets`` too.
 
     Args:
         scale: starting resolution, from -10 to 9; 6 (the default) gives 0.54% relative error,
             each step down doubles it.
-        max_buckets: the most cells held at once over all slots (8 bytes each). Beyond it the
-            scale is lowered (adjacent buckets merged) and a warning logged.
+        max_buckets: the most dense cells (4 bytes each) or sparse buckets (16 bytes each) held
+            at once over all slots. Dense rows beyond it switch to sparse storage (logged at
+            INFO); sparse buckets beyond it lower the scale (adjacent buckets merged) with a
+            warning.
 
     Example:
         >>> import numpy as np
@@ -121,6 +129,8 @@ class ExpHistograms:
     """
 
     _added = 0  # values ever added (pickles from before int32 cells hold int64 cells and no count)
+    _keys: np.ndarray | None = None  # sparse mode: sorted keys of the buckets in use (None: dense rows)
+    _counts: np.ndarray | None = None
 
     def __init__(self, scale: int = DEFAULT_SCALE, max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
         if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or not MIN_SCALE <= scale <= MAX_SCALE:
@@ -143,16 +153,23 @@ class ExpHistograms:
     @property
     def num_buckets(self) -> int:
         """Number of non-empty (slot, bucket) pairs."""
+        if self._keys is not None:
+            return len(self._keys)
         return int(sum(np.count_nonzero(self._cnt[s][: self._n]) for s in (1, -1)) + np.count_nonzero(self._zero[: self._n]))
 
     @property
     def num_cells(self) -> int:
-        """Number of count cells held for the slots in use (what ``max_buckets`` bounds)."""
+        """Number of count cells held for the slots in use (what ``max_buckets`` bounds): the
+        dense rows' cells, or in sparse mode the buckets in use."""
+        if self._keys is not None:
+            return len(self._keys)
         return self._n * (self._cnt[1].shape[1] + self._cnt[-1].shape[1] + 1)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the count matrices (capacity included)."""
+        """Bytes held by the count matrices (capacity included), or the sparse keys and counts."""
+        if self._keys is not None:
+            return self._keys.nbytes + self._counts.nbytes  # type: ignore[union-attr]
         return sum(self._cnt[s].nbytes + self._off[s].nbytes for s in (1, -1)) + self._zero.nbytes
 
     @property
@@ -168,6 +185,8 @@ class ExpHistograms:
         """(scale, keys, counts): the non-empty buckets in a compact sparse form, keys sorted by
         slot, then value. For ``all_gather_object`` and :meth:`from_state`; equal sketches have
         equal states."""
+        if self._keys is not None:
+            return self.scale, self._keys.copy(), self._counts.copy()  # type: ignore[union-attr]
         keys, counts = [], []
         for sign in (1, -1):
             c = self._cnt[sign][: self._n]
@@ -212,9 +231,12 @@ class ExpHistograms:
         cap = len(self._zero)
         if n > self._n:
             self._n = n
-        if n <= cap:
+        if n <= cap or self._keys is not None:
             return
         new = max(n, 2 * cap, 16)
+        if new * (self._cnt[1].shape[1] + self._cnt[-1].shape[1] + 1) > self.max_buckets:
+            self._to_sparse()  # more rows would not fit: keep only the buckets in use
+            return
         z = np.zeros(new, dtype=np.int64)
         z[:cap] = self._zero
         self._zero = z
@@ -238,8 +260,9 @@ class ExpHistograms:
         hi = np.where(any_, off + width - 1 - np.argmax(nz[:, ::-1], axis=1), _EMPTY_HI)
         return lo.astype(np.int64), hi.astype(np.int64)
 
-    def _fit(self, sign: int, slots: np.ndarray, idx: np.ndarray) -> None:
-        """Re-layout so every (slot, idx) pair lands inside its row (rare: new ranges only).
+    def _fit(self, sign: int, slots: np.ndarray, idx: np.ndarray) -> bool:
+        """Re-layout so every (slot, idx) pair lands inside its row (rare: new ranges only);
+        False (nothing changed) when the rows would need more than ``max_buckets`` cells.
 
         Only the rows that receive an index outside their window are looked at: their used
         range is read from their own counts, the width grows (every row padded on both sides,
@@ -274,6 +297,8 @@ class ExpHistograms:
         margin = max(16, span // 4 if width else span // 2)
         if span + margin > width:  # wider rows for everyone: pad both sides, offsets move left
             new_width = -(-max(span + 2 * margin, width + width // 2) // _BLOCK) * _BLOCK  # whole blocks
+            if cnt.shape[0] * (new_width + self._cnt[-sign].shape[1] + 1) > self.max_buckets:
+                return False  # dense rows this wide would not fit: the caller goes sparse
             pad = (new_width - width) // 2
             grown = np.zeros((cnt.shape[0], new_width), dtype=cnt.dtype)
             grown[:, pad : pad + width] = cnt
@@ -292,6 +317,7 @@ class ExpHistograms:
             off = off.copy()
             off[brows] = new_off
         self._cnt[sign], self._off[sign] = cnt, off
+        return True
 
     def _absorb(self, slots: np.ndarray, sign: np.ndarray | None, idx: np.ndarray, weights: np.ndarray | None) -> None:
         """Add (weighted) counts at (slot, sign, bucket index) triples at the current scale."""
@@ -301,32 +327,68 @@ class ExpHistograms:
         if self._added > _COUNT32_MAX and self._cnt[1].dtype != np.int64:  # a cell could overflow int32
             self._cnt = {s: c.astype(np.int64) for s, c in self._cnt.items()}
         self._reserve(int(slots.max()) + 1)
+        if self._keys is not None:
+            self._absorb_sparse(slots, np.ones(len(slots), dtype=np.int64) if sign is None else sign, idx, weights)
+            self._bound()
+            return
         if sign is None:  # all positive (the common case for losses): no masks
-            self._absorb_sign(1, slots, idx, weights)
+            parts = [(1, slots, idx, weights)]
         else:
             z = sign == 0
             if z.any():
                 np.add.at(self._zero, slots[z], 1 if weights is None else weights[z])
-            for s in (1, -1):
-                m = sign == s
-                if m.any():
-                    self._absorb_sign(s, slots[m], idx[m], None if weights is None else weights[m])
+            parts = [(s, slots[m], idx[m], None if weights is None else weights[m]) for s in (1, -1) if (m := sign == s).any()]
+        for i, (s, sl, ix, w) in enumerate(parts):
+            if not self._absorb_sign(s, sl, ix, w):  # the dense rows would exceed max_buckets
+                self._to_sparse()
+                for s, sl, ix, w in parts[i:]:
+                    self._absorb_sparse(sl, np.full(len(sl), s, dtype=np.int64), ix, w)
+                break
         self._bound()
 
-    def _absorb_sign(self, s: int, sl: np.ndarray, ix: np.ndarray, w: np.ndarray | None) -> None:
-        if True:
+    def _absorb_sign(self, s: int, sl: np.ndarray, ix: np.ndarray, w: np.ndarray | None) -> bool:
+        cnt, off = self._cnt[s], self._off[s]
+        col = ix - off[sl]
+        if cnt.shape[1] == 0 or col.min() < 0 or col.max() >= cnt.shape[1]:
+            if not self._fit(s, sl, ix):
+                return False
             cnt, off = self._cnt[s], self._off[s]
             col = ix - off[sl]
-            if cnt.shape[1] == 0 or col.min() < 0 or col.max() >= cnt.shape[1]:
-                self._fit(s, sl, ix)
-                cnt, off = self._cnt[s], self._off[s]
-                col = ix - off[sl]
-            col += sl * cnt.shape[1]
-            # the increment in the cells' own dtype: a Python int or int64 weights make np.add.at
-            # take its slow casting path (~50x slower for int32 cells)
-            np.add.at(cnt.reshape(-1), col, cnt.dtype.type(1) if w is None else w.astype(cnt.dtype, copy=False))
+        col += sl * cnt.shape[1]
+        # the increment in the cells' own dtype: a Python int or int64 weights make np.add.at
+        # take its slow casting path (~50x slower for int32 cells)
+        np.add.at(cnt.reshape(-1), col, cnt.dtype.type(1) if w is None else w.astype(cnt.dtype, copy=False))
+        return True
+
+    def _to_sparse(self) -> None:
+        """Switch to sparse mode: only the buckets in use, as sorted keys and counts (16 bytes a
+        bucket instead of a dense row per label). Many labels, or labels whose ranges differ
+        widely, then keep the full resolution as long as the buckets they use fit."""
+        if self._keys is not None:
+            return
+        _, self._keys, self._counts = self.state()
+        self._zero = np.zeros(0, dtype=np.int64)
+        self._off = {1: np.zeros(0, dtype=np.int64), -1: np.zeros(0, dtype=np.int64)}
+        self._cnt = {1: np.zeros((0, 0), dtype=np.int64), -1: np.zeros((0, 0), dtype=np.int64)}
+        log.info("quantile sketch: dense rows for %d labels would need more than max_buckets=%d cells; switched to "
+                 "sparse storage (the buckets in use only, 16 bytes each; %d so far)", self._n, self.max_buckets, len(self._keys))
+
+    def _absorb_sparse(self, slots: np.ndarray, sign: np.ndarray, idx: np.ndarray, weights: np.ndarray | None) -> None:
+        keys, counts = _sum_by_key(_encode(slots, sign, idx), np.ones(len(slots)) if weights is None else weights)
+        have, have_counts = self._keys, self._counts
+        pos = np.searchsorted(have, keys)
+        found = pos < len(have)
+        found[found] = have[pos[found]] == keys[found]
+        have_counts[pos[found]] += counts[found]  # keys are distinct: no repeated positions
+        new = ~found
+        if new.any():
+            self._keys = np.insert(have, pos[new], keys[new])
+            self._counts = np.insert(have_counts, pos[new], counts[new])
 
     def _bound(self) -> None:
+        if self.num_cells <= self.max_buckets:
+            return
+        self._to_sparse()  # first keep only the buckets in use: no accuracy lost if they fit
         if self.num_cells <= self.max_buckets:
             return
         old, before = self.scale, self.num_cells
@@ -361,6 +423,10 @@ class ExpHistograms:
         if by <= 0:
             return
         self.scale -= by
+        if self._keys is not None:
+            slot, sign, idx = _decode(self._keys)
+            self._keys, self._counts = _sum_by_key(_encode(slot, sign, np.where(sign == 0, 0, idx >> by)), self._counts)
+            return
         for s in (1, -1):
             cnt, off = self._cnt[s], self._off[s]
             n, width = cnt.shape
@@ -427,6 +493,12 @@ class ExpHistograms:
         """Inclusive (lowest, highest) bucket index in use of the positive and the negative range
         ((0, -1) when a range is empty)."""
         out = []
+        if self._keys is not None:
+            _, sign, idx = _decode(self._keys)
+            for s in (1, -1):
+                m = sign == s
+                out.append((int(idx[m].min()), int(idx[m].max())) if m.any() else (0, -1))
+            return out[0], out[1]
         for s in (1, -1):
             lo, hi = (a[: self._n] for a in self._used(s))
             used = hi >= lo
@@ -462,6 +534,9 @@ class ExpHistograms:
         out = np.full((num_slots, len(levels)), np.nan)
         n = min(num_slots, self._n)
         if n == 0 or not len(levels):
+            return out
+        if self._keys is not None:
+            out[:n] = self._quantiles_sparse(np.asarray(levels, dtype=np.float64), n)
             return out
         neg, pos = self._cnt[-1][:n], self._cnt[1][:n]
         wn, wp = neg.shape[1], pos.shape[1]
@@ -513,6 +588,23 @@ class ExpHistograms:
         est = self._representative(sign, idx)
         out[:n] = np.where((total > 0)[:, None], est, np.nan)
         return out
+
+    def _quantiles_sparse(self, levels: np.ndarray, n: int) -> np.ndarray:
+        """quantiles() in sparse mode: one cumsum over the sorted buckets, one searchsorted."""
+        keys, counts = self._keys, self._counts
+        out = np.full((n, len(levels)), np.nan)
+        if not len(keys):  # type: ignore[arg-type]
+            return out
+        slot = keys >> _SHIFT  # type: ignore[operator]
+        cum = np.cumsum(counts)
+        bounds = np.searchsorted(slot, np.arange(n + 1))  # each slot's first bucket
+        starts, ends = bounds[:-1], bounds[1:]
+        before = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0)
+        total = np.where(ends > starts, cum[np.maximum(ends - 1, 0)] - before, 0)
+        rank = np.floor(np.multiply.outer(total - 1, levels) + 0.5).astype(np.int64)
+        at = np.minimum(np.searchsorted(cum, before[:, None] + rank, side="right"), len(cum) - 1)
+        _, sign, idx = _decode(keys[at])  # type: ignore[index]
+        return np.where((total > 0)[:, None], self._representative(sign, idx), np.nan)
 
     def edges(self, sign: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) edges of buckets given by sign and index at the current scale."""

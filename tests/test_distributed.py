@@ -102,10 +102,6 @@ def test_synced_carries_quantile_sketches_and_zero_one_flags_exactly(group, bran
     exactly, so the estimates are equal, not close), and the 0/1 flags of the CI bound."""
     world, res = group
     for scenario, shards in dist_worker.stats_scenarios(world).items():
-        if scenario == "100k_labels":
-            # over max_buckets the sketch lowers its scale at a point that depends on how the
-            # samples were split, so the result is equally accurate but not bucket-identical
-            continue
         ref = GroupedStats(quantiles=dist_worker.QUANTILES)
         for batches in shards:
             for labels, values in batches:

@@ -266,12 +266,14 @@ chunks = st.lists(
 )
 
 
+@pytest.mark.parametrize("max_buckets", [1 << 22, 300])  # dense rows; sparse once rows exceed 300 cells
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(chunks)
-def test_sketch_buckets_equal_the_formula_whatever_order_ranges_grow_in(parts):
-    # Each chunk can widen some labels' ranges, move rows and widen every row: whatever the
-    # re-layouts, the buckets held are exactly those of the formula.
-    h = ExpHistograms(scale=3)
+@given(parts=chunks)
+def test_sketch_buckets_equal_the_formula_whatever_order_ranges_grow_in(max_buckets, parts):
+    # Each chunk can widen some labels' ranges, move rows and widen every row, or switch the
+    # sketch to sparse storage (at most 240 buckets in use: never lowered below scale 3 here):
+    # whatever the re-layouts, the buckets held are exactly those of the formula.
+    h = ExpHistograms(scale=3, max_buckets=max_buckets)
     for part in parts:
         h.add(np.array([s for s, _ in part], dtype=np.int64), np.array([v for _, v in part]))
     every = [p for part in parts for p in part]
@@ -284,4 +286,55 @@ def test_sketch_buckets_equal_the_formula_whatever_order_ranges_grow_in(parts):
             edge = lo if sign > 0 else -hi
             idx = 0 if sign == 0 else round(math.log2(edge) * 2**3)
             got[(slot, sign, idx)] = c
-    assert got == want
+    assert h.scale == 3 and got == want
+
+
+def test_100k_labels_keep_full_accuracy_in_sparse_storage(caplog):
+    # Issue 13: dense rows for 100,000 labels would need ~100M cells; the sketch keeps only the
+    # buckets in use instead (switching is logged), so the scale and the 1% accuracy are kept.
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 100_000, 400_000)
+    v = rng.gamma(2.0, 0.5, 400_000) * (rng.random(400_000) < 0.9)  # exact zeros too
+    g = GroupedStats(quantiles=LEVELS)
+    with caplog.at_level(logging.INFO, logger="labeltrack_log.sketch"):
+        feed(g, y, v, batch=4096)
+        t = g.compute()
+    sk = g._sketch
+    assert "switched to sparse storage" in caplog.text and "lowered the scale" not in caplog.text
+    assert sk.scale == 6 and sk.num_cells <= sk.max_buckets
+    assert sk.nbytes <= 16 * len(v)  # the buckets in use, never a row per label
+    assert len(t) == len(np.unique(y))
+    order = np.argsort(y, kind="stable")
+    ys, vs = y[order], v[order]
+    cuts = np.searchsorted(ys, t.labels)
+    ends = np.searchsorted(ys, t.labels, side="right")
+    for j in rng.choice(len(t), 300, replace=False).tolist():  # a sample of labels, checked exactly
+        x = np.sort(vs[cuts[j] : ends[j]])
+        for k, q in enumerate(LEVELS):
+            est = t.quantile(q)[j]
+            h = q * (len(x) - 1)
+            assert x[0] <= est <= x[-1]
+            assert any(abs(est - c) <= 0.01 * abs(c) for c in (x[math.floor(h)], x[math.ceil(h)])), (j, q, est)
+
+
+@pytest.mark.parametrize("max_buckets", [40, 3000])  # 2,656 buckets in use at scale 6, ~19,000 dense cells
+def test_sparse_storage_holds_the_same_buckets_as_dense_rows(max_buckets):
+    # The same samples into a sketch that stays dense and one forced sparse: equal buckets,
+    # equal quantiles; merging and pickling work across the two storages.
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 6, 3000)
+    v = rng.normal(0.0, 1.0, 3000) * 10.0 ** rng.integers(-3, 3, 3000) * (rng.random(3000) < 0.95)
+    dense = feed(GroupedStats(quantiles=LEVELS, quantile_max_buckets=10**6), y, v, batch=500)
+    tight = feed(GroupedStats(quantiles=LEVELS, quantile_max_buckets=max_buckets), y, v, batch=500)
+    assert tight.quantile_sketch._keys is not None and dense.quantile_sketch._keys is None
+    assert (tight.quantile_sketch.scale == 6) == (max_buckets == 3000)
+    if tight.quantile_sketch.scale == 6:
+        assert tight.quantile_sketch.state()[1:] and all(np.array_equal(a, b) for a, b in zip(tight.quantile_sketch.state()[1:], dense.quantile_sketch.state()[1:]))
+    else:  # even sparse, the buckets in use exceed the bound: lowered, and still within its accuracy
+        assert tight.quantile_sketch.num_cells <= max_buckets
+    assert_accurate(tight.compute(), y, v, tol=2 * relative_accuracy(tight.quantile_sketch.scale) + 1e-12)
+    again = pickle.loads(pickle.dumps(tight))
+    assert again._sketch == tight.quantile_sketch
+    both = feed(GroupedStats(quantiles=LEVELS, quantile_max_buckets=max_buckets), y[:1000], v[:1000])
+    rest = feed(GroupedStats(quantiles=LEVELS, quantile_max_buckets=max_buckets), y[1000:], v[1000:])
+    assert_accurate(both.merge(rest).compute(), y, v, tol=2 * relative_accuracy(both.quantile_sketch.scale) + 1e-12)
