@@ -41,7 +41,7 @@ from .errors import ConfigError, InputTypeError, MissingExtraError
 if TYPE_CHECKING:  # pragma: no cover
     from .grouping import GroupedStats
 
-__all__ = ["sync_stats", "not_padded", "resolve_group", "group_rank", "gather_objects"]
+__all__ = ["sync_stats", "not_padded", "resolve_group", "writes_here", "group_rank", "gather_objects"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,17 @@ def resolve_group(sync: Any) -> tuple[bool, Any]:
         raise ConfigError("sync: this rank is not a member of the given process group; pass the group only on its "
                           "members (or sync=None elsewhere)")
     return True, sync
+
+
+def writes_here(sync: Any) -> bool:
+    """Whether this process builds sinks for a ``sync`` setting (of a Tracker or a Run): always
+    when it does not reduce (see :func:`resolve_group`), else only on rank 0 of its group.
+
+    Raises:
+        ConfigError: a bad ``sync`` (see :func:`resolve_group`).
+    """
+    reduce, group = resolve_group(sync)
+    return not reduce or group_rank(group) == 0
 
 
 def group_rank(group: Any = None) -> int:

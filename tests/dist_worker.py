@@ -93,6 +93,47 @@ def run(rank: int, world: int, port: int, out: str, workdirs: str) -> None:
         raise
 
 
+def _children() -> list[int]:
+    """This process's child processes (an MLflow delivery child would be one)."""
+    return sorted(int(pid) for task in Path("/proc/self/task").iterdir()
+                  for pid in (task / "children").read_text().split())
+
+
+def _run_on_every_rank(rank: int, workdirs: Path, epochs: list) -> dict[str, Any]:
+    """Every rank creates the same ``Run(sinks=[CSV, TensorBoard, MLflow sqlite])`` and two
+    trackers on it (as a script run under torchrun does): only rank 0 may build them (issue 12).
+    Then a ``Run(sync=None)`` with ``Tracker(sync=None)``: a record per rank, each of its shard."""
+    import torch.distributed as dist
+
+    from labeltrack_log import Run, Tracker
+
+    got: dict[str, Any] = {}
+    os.chdir(workdirs / "run" / f"rank{rank}")
+    sinks = ["csv", "tensorboard", {"type": "mlflow", "tracking_uri": f"sqlite:///{(Path.cwd() / 'mlflow.db').as_posix()}"}]
+    with Run(sinks=sinks, name="ddp") as run:
+        loss = Tracker("loss_by_y", run=run, figures="end")
+        acc = Tracker("acc_by_y", run=run, figures=None)
+        got["sinks"] = [len(run.sinks), len(loss.sinks), len(acc.sinks)]
+        for e, per_rank in enumerate(epochs):
+            for mode, batches in per_rank[rank].items():
+                for labels, values in batches:
+                    loss.update(labels, values, mode=mode)
+                    acc.update(labels, (values > 2.0).astype(float), mode=mode)
+            tables = loss.end_epoch(step=100 * (e + 1))
+            acc.end_epoch(step=100 * (e + 1))
+        got["train_count"] = int(tables["train"].count.sum())
+        got["children"] = _children()
+        got["written"] = sorted(str(p) for p in Path.cwd().rglob("*"))
+    os.chdir(workdirs / "per_rank" / f"rank{rank}")
+    with Run(sinks="csv", sync=None) as run:
+        local = Tracker("loss_by_y", run=run, sync=None, figures=None)
+        for labels, values in epochs[0][rank]["train"]:
+            local.update(labels, values)
+        got["per_rank_count"] = int(local.end_epoch(step=100)["train"].count.sum())
+    dist.barrier()
+    return got
+
+
 def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     import torch.distributed as dist
 
@@ -163,6 +204,7 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     result["returned"] = returned
     result["history"] = {mode: [(s, _table(t)) for s, t in tracker.history.items("loss_by_y", mode)]
                          for mode in tracker.history.modes("loss_by_y")}
+    result["run"] = _run_on_every_rank(rank, workdirs, epochs)
     dist.barrier()
     dist.destroy_process_group()
     (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

@@ -33,7 +33,8 @@ def spawn(world: int, root: Path) -> dict:
     out, workdirs = root / "out", root / "work"
     out.mkdir()
     for r in range(world):
-        (workdirs / f"rank{r}").mkdir(parents=True)
+        for sub in ("", "run", "per_rank"):  # the Tracker, Run and Run(sync=None) parts of dist_worker
+            (workdirs / sub / f"rank{r}").mkdir(parents=True)
     ctx = tmp.start_processes(dist_worker.run, args=(world, servers.free_port(), str(out), str(workdirs)),
                               nprocs=world, start_method="spawn", join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT
@@ -202,6 +203,41 @@ def test_only_rank_zero_writes(group, tmp_path):
     assert keys
     for key in keys[:20]:
         assert [m.step for m in client.get_metric_history(runs[0].info.run_id, key)] == [100, 200], key
+
+
+def test_a_run_on_every_rank_builds_its_sinks_on_rank_zero_only(group):
+    """Every rank creates ``Run(sinks=[CSV, TensorBoard, MLflow sqlite])`` and two trackers on it:
+    only rank 0 builds sinks (one CSV, TensorBoard files, exactly one MLflow run); the other ranks
+    build none (no files, no MLflow run, no spool, no delivery child), and every rank gets the
+    global tables."""
+    world, res = group
+    work = res["workdirs"] / "run"
+    runs = [r["run"] for r in res["ranks"]]
+    assert runs[0]["sinks"] == [3, 3, 3]
+    total = int(_reference(world)[0][1]["train"].count.sum())  # one process over every rank's last epoch
+    for r, got in enumerate(runs):
+        assert got["train_count"] == total, f"rank {r} did not get the global table"
+        if r:
+            assert got["sinks"] == [0, 0, 0], f"rank {r} built sinks"
+            assert got["children"] == [], f"rank {r} started child processes {got['children']}"
+            assert got["written"] == [] and list((work / f"rank{r}").rglob("*")) == [], f"rank {r} wrote {got['written']}"
+    root = work / "rank0"
+    history = StatsHistory.from_csv(root / "labeltrack.csv")
+    assert history.steps("loss_by_y", "train") == history.steps("acc_by_y", "eval") == [100, 200]
+    assert [int(t.count.sum()) for t in history.tables("loss_by_y", "train")][-1] == total
+    events = sorted(root.rglob("events.out.tfevents*"))
+    assert sorted(p.parent.name for p in events) == ["eval", "train"] and {p.parent.parent.name for p in events} == {"ddp"}, events
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(root / 'mlflow.db').as_posix()}")
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(found) == 1 and found[0].info.status == "FINISHED" and found[0].info.run_name == "ddp"
+    assert any(k.startswith("acc_by_y") for k in found[0].data.metrics) and any(k.startswith("loss_by_y") for k in found[0].data.metrics)
+    # Run(sync=None) with Tracker(sync=None): a record per rank, each of its own shard
+    for r, got in enumerate(runs):
+        assert got["per_rank_count"] == 16 * (2 + r)
+        (back,) = StatsHistory.from_csv(res["workdirs"] / "per_rank" / f"rank{r}" / "labeltrack.csv").tables("loss_by_y", "train")
+        assert int(back.count.sum()) == 16 * (2 + r)
 
 
 @pytest.mark.parametrize(("n", "world", "drop_last"), [(10, 4, False), (12, 4, False), (7, 3, True), (1, 4, False)])
