@@ -8,8 +8,8 @@ ranks' samples, identical on every rank. It sends O(labels) data, never the samp
    size and, when it fits, the payload itself (labels and state, step 2), so small vocabularies
    sync in one collective. Every rank then knows the same totals and takes the same branch
    below. A rank that saw nothing still takes part in every collective.
-2. **Labels and state.** Each rank's per-label state is (count, mean, M2, non-finite count, min,
-   max). While all ranks' payloads together stay under ``_GATHER_MAX_BYTES`` (the usual case),
+2. **Labels and state.** Each rank's per-label state is (count, mean, M2, M2's power-of-two
+   scale, non-finite count, min, max, the 0/1 flag). While all ranks' payloads together stay under ``_GATHER_MAX_BYTES`` (the usual case),
    every rank's labels *and* state travel in an ``all_gather`` (the eager one, or a second one),
    and every rank folds the same data in rank order: sums, min, max, and the moments by Chan et
    al.'s pairwise formula (on a small vocabulary the latency of each collective is the whole
@@ -17,8 +17,10 @@ ranks' samples, identical on every rank. It sends O(labels) data, never the samp
    (ints numerically, strings lexicographically), scatters its state into dense arrays over it
    and ``all_reduce``s them (each rank receives O(labels), not O(ranks * labels)): counts and
    sums with SUM, min and -max with MIN, the moments by the exact two-pass scheme (global mean
-   from SUM(count * mean), then M2 = SUM(M2_r + count_r * (mean_r - mean)^2)).
-   Either way the result equals one process over all samples to floating-point rounding and is
+   from SUM(count * mean), then M2 = SUM(M2_r + count_r * (mean_r - mean)^2); see
+   :func:`_reduce_dense`). Values near the float limits (1e300) stay exact: the gather branch
+   folds with ``GroupedStats._combine`` (scaled like ``merge()``), the reduce branch divides by a
+   per-label power of two where a sum or square could overflow. Either way the result equals one process over all samples to floating-point rounding and is
    the same on every rank.
 
 With the NCCL backend the tensors go to the current CUDA device (NCCL only reduces CUDA
@@ -213,6 +215,65 @@ def _set_vocabulary(stats: "GroupedStats", kind: str, vocab: np.ndarray) -> None
     stats._grow(len(labels))
 
 
+def _reduce_dense(dist: Any, torch: Any, state: np.ndarray, pos: np.ndarray, n: int,
+                  rows: list[tuple[str, str, float]], group: Any, device: Any) -> dict[str, Any]:
+    """The all_reduce branch of :func:`_sync`: this rank's ``state`` (count, mean, M2, scale, then
+    ``rows``) scattered to the ``n`` labels of the common vocabulary at ``pos``, reduced over the
+    group. Returns name -> merged array, with ``_count``, ``_mean``, ``_m2``, ``_scale`` and the
+    bytes sent as ``_sent``.
+
+    Three all_reduces: MIN of the min-like rows (min, -max, -scale), so every rank knows each
+    label's global value range and largest scale; SUM of count, count * mean / S and the sums,
+    where S is a power of two >= the label's largest |value| when that is beyond 2**512 (else 1:
+    the sum cannot overflow; dividing by a power of two is exact); SUM of each rank's spread
+    ``M2_r + count_r * (mean_r - mean)**2``, divided by T**2 for a label whose values are extreme
+    (a scale > 1 on some rank, or a range >= 2**480): T is a power of two >= every rank's scale
+    and the half range, so no term overflows, and the result keeps M2 as ``m2 * T**2``."""
+    from .grouping import _BIG, _pow2
+
+    def dense(row: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full(n, fill)
+        out[pos] = row
+        return out
+
+    cnt, mean_local, m2_local, scale_local = (dense(state[i], fill) for i, fill in enumerate((0.0, 0.0, 0.0, 1.0)))
+    extra = list(enumerate(rows, start=4))
+    sent = 0
+
+    def reduce(arrays: list[np.ndarray], op: Any) -> np.ndarray:
+        nonlocal sent
+        t = torch.from_numpy(np.stack(arrays)).to(device)
+        sent += t.numel() * t.element_size()
+        dist.all_reduce(t, op=op, group=group)
+        return t.cpu().numpy()
+
+    names = {op: [(i, name, fill) for i, (name, o, fill) in extra if o == op] for op in ("sum", "min", "max")}
+    low = reduce([dense(state[i], fill) for i, _, fill in names["min"]]
+                 + [-dense(state[i], fill) for i, _, fill in names["max"]] + [-scale_local], dist.ReduceOp.MIN)
+    merged: dict[str, Any] = {name: low[j] for j, (_, name, _) in enumerate(names["min"])}
+    merged.update({name: -low[j] for j, (_, name, _) in enumerate(names["max"], start=len(names["min"]))})
+    top_scale = -low[-1]
+    lo, hi = merged["_min"], merged["_max"]  # inf / -inf for a label without finite values
+    with np.errstate(invalid="ignore", over="ignore"):
+        big = np.maximum(np.abs(lo), np.abs(hi))
+        shift = np.where(np.isfinite(big) & (big > 2.0**512), _pow2(big), 1.0)
+        first = reduce([cnt, cnt * (mean_local / shift), *(dense(state[i], fill) for i, _, fill in names["sum"])],
+                       dist.ReduceOp.SUM)
+        count = first[0]
+        seen = count > 0
+        mean = np.where(seen, np.clip(first[1] / np.maximum(count, 1) * shift, lo, hi), 0.0)
+        half_range = hi * 0.5 - lo * 0.5
+        extreme = seen & ((top_scale > 1.0) | (half_range >= _BIG * 0.5))
+        scale = np.where(extreme, np.maximum(top_scale, _pow2(np.where(extreme, half_range, 1.0))), 1.0)
+        plain = m2_local + cnt * (mean_local - mean) ** 2
+        scaled = m2_local * (scale_local / scale) ** 2 + cnt * (2.0 * ((mean_local * 0.5 - mean * 0.5) / scale)) ** 2
+        spread = np.where(cnt > 0, np.where(extreme, scaled, plain), 0.0)
+    m2 = reduce([spread], dist.ReduceOp.SUM)[0]
+    merged.update({name: first[j] for j, (_, name, _) in enumerate(names["sum"], start=2)})
+    merged.update(_count=count, _mean=mean, _m2=m2, _scale=scale, _sent=sent)
+    return merged
+
+
 def sync_stats(stats: "GroupedStats", group: Any = None) -> "GroupedStats":
     """All ranks' statistics in a new :class:`~labeltrack_log.GroupedStats`; see :meth:`GroupedStats.synced`."""
     return _sync(stats, group)[0]
@@ -246,7 +307,10 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
         scale, max_buckets = stats._sketch_config
         return GroupedStats(quantiles=stats.quantile_levels, quantile_scale=scale, quantile_max_buckets=max_buckets)
 
-    state = np.stack([getattr(stats, name)[:k].astype(np.float64) for name in ("_count", "_mean", "_m2", *(r[0] for r in rows))])
+    # The moments: count, mean and M2 kept as ``m2 * scale**2`` (a power-of-two scale per label,
+    # 1 unless values are so large that their deviations cannot be squared: see GroupedStats).
+    state = np.stack([getattr(stats, name)[:k].astype(np.float64)
+                      for name in ("_count", "_mean", "_m2", "_scale", *(r[0] for r in rows))])
     world = dist.get_world_size(group)
     device = _device(dist, group)
     full = pickle.dumps((kind, labels, state), protocol=pickle.HIGHEST_PROTOCOL)
@@ -265,24 +329,22 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
         n = len(vocab)
         if n == 0:
             return fresh(), sent
-        count, mean, m2 = np.zeros(n), np.zeros(n), np.zeros(n)
+        result = fresh()
+        _set_vocabulary(result, kind, vocab)
         merged = {name: np.full(n, fill) for name, _, fill in rows}
-        for part_kind, part_labels, part in parts:  # Chan et al., rank by rank
+        for part_kind, part_labels, part in parts:  # Chan et al., rank by rank, as merge() does
             if part_kind is None:
                 continue
             pos = _positions(kind, vocab, part_labels)
-            nb, mean_b, m2_b = part[0], part[1], part[2]
-            for i, (name, op, _) in enumerate(rows, start=3):
+            for i, (name, op, _) in enumerate(rows, start=4):
                 acc = merged[name]
                 acc[pos] = acc[pos] + part[i] if op == "sum" else (np.minimum if op == "min" else np.maximum)(acc[pos], part[i])
-            has = nb > 0
-            p = pos[has]
-            na, nb = count[p], nb[has]
-            tot = na + nb
-            delta = mean_b[has] - mean[p]
-            mean[p] += delta * (nb / tot)
-            m2[p] += m2_b[has] + delta * delta * (na * (nb / tot))
-            count[p] = tot
+            has = part[0] > 0
+            if not has.any():  # only non-finite values on that rank
+                continue
+            scale_b = part[3][has]
+            result._combine(pos[has], part[0][has], part[1][has], part[2][has],
+                            scale_b if (scale_b != 1.0).any() else None)  # None: the unscaled formula
     else:
         # Many labels times many ranks: round trip 2 carries the labels only, then all_reduce
         # of dense state (each rank receives O(labels), not O(ranks * labels)). Moments by the
@@ -297,46 +359,16 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
         if n == 0:  # nobody saw anything: every rank knows it, so every rank stops here
             return fresh(), sent
         pos = _positions(kind, vocab, labels)
-
-        def dense(row: np.ndarray, fill: float) -> np.ndarray:
-            out = np.full(n, fill)
-            out[pos] = row
-            return out
-
-        cnt, mean_local, m2_local = dense(state[0], 0.0), dense(state[1], 0.0), dense(state[2], 0.0)
-        sums = [dense(state[i], fill) for i, (_, op, fill) in enumerate(rows, start=3) if op == "sum"]
-        mins = [dense(state[i], fill) for i, (_, op, fill) in enumerate(rows, start=3) if op == "min"]
-        mins += [-dense(state[i], fill) for i, (_, op, fill) in enumerate(rows, start=3) if op == "max"]
-        first = torch.from_numpy(np.stack([cnt, cnt * mean_local, *sums])).to(device)
-        low = torch.from_numpy(np.stack(mins)).to(device)
-        for t, op in ((first, dist.ReduceOp.SUM), (low, dist.ReduceOp.MIN)):
-            sent += t.numel() * t.element_size()
-            dist.all_reduce(t, op=op, group=group)
-        first_h, low_h = first.cpu().numpy(), low.cpu().numpy()
-        count = first_h[0]
-        mean = np.where(count > 0, first_h[1] / np.maximum(count, 1), 0.0)
-        with np.errstate(invalid="ignore", over="ignore"):
-            spread = np.where(cnt > 0, m2_local + cnt * (mean_local - mean) ** 2, 0.0)
-        spread_t = torch.from_numpy(spread).to(device)
-        sent += spread_t.numel() * spread_t.element_size()
-        dist.all_reduce(spread_t, op=dist.ReduceOp.SUM, group=group)
-        m2 = spread_t.cpu().numpy()
-        merged = {}
-        names = {op: [name for name, o, _ in rows if o == op] for op in ("sum", "min", "max")}
-        for i, name in enumerate(names["sum"], start=2):
-            merged[name] = first_h[i]
-        for i, name in enumerate(names["min"]):
-            merged[name] = low_h[i]
-        for i, name in enumerate(names["max"], start=len(names["min"])):
-            merged[name] = -low_h[i]
-    result = fresh()
-    _set_vocabulary(result, kind, vocab)
-    result._count[:n] = count.astype(np.int64)  # exact: float64 holds integers up to 2**53
+        result = fresh()
+        _set_vocabulary(result, kind, vocab)
+        merged = _reduce_dense(dist, torch, state, pos, n, rows, group, device)
+        sent += merged.pop("_sent")
+        result._count[:n] = merged.pop("_count").astype(np.int64)  # exact: float64 holds integers up to 2**53
+        for name in ("_mean", "_m2", "_scale"):
+            getattr(result, name)[:n] = merged.pop(name)
     result._nonfinite[:n] = merged["_nonfinite"].astype(np.int64)
     result._min[:n] = merged["_min"]
     result._max[:n] = merged["_max"]
-    result._mean[:n] = mean
-    result._m2[:n] = m2
     result._inner[:n] = merged["_inner"] > 0
     if stats.quantile_levels:
         # Quantile sketches: every rank's non-empty buckets (sparse, O(labels x buckets used), never

@@ -56,6 +56,15 @@ def stats_scenarios(world: int) -> dict[str, list[Batches]]:
         (np.array([0, 1, 2, 2, 2, 3]), np.array([1.0, 2.0, np.nan, np.inf, 3.0, np.nan]) if r == 0 else g.normal(0, 1, 6))])
     out["large_offset"] = ranks(lambda r, g: [(g.integers(0, 3, 200), 1e8 + g.normal(0, 1, 200))])
     out["nobody_saw_anything"] = ranks(lambda r, g: [])
+    # Values near the float limits (issue 11's per-label power-of-two scale): +1e300 on even ranks and
+    # -1e300 on odd ones (label 0), one 1e300 among N(0, 1) on the last rank only (label 1), +-8e307
+    # whose deviations cannot be squared (label 2), and an ordinary label next to them (label 3).
+    out["float_limits"] = ranks(lambda r, g: [(
+        np.repeat([0, 1, 2, 3], [5, 6, 4, 5]),
+        np.concatenate([(1.0 if r % 2 == 0 else -1.0) * 1e300 * (1 + g.random(5)),
+                        np.r_[g.normal(0, 1, 5), [1e300 if r == world - 1 else 0.5]],
+                        (1.0 if r % 2 == 0 else -1.0) * 8e307 * (1 + 0.05 * g.random(4)),
+                        g.normal(r, 1, 5)]))])
     return out
 
 

@@ -88,7 +88,7 @@ def test_synced_equals_one_process_on_every_rank(group, scenario, branch):
     world, res = group
     want = one_process(dist_worker.stats_scenarios(world)[scenario])
     got = [table(r[branch][scenario]["table"]) for r in res["ranks"]]
-    assert_same_stats(got[0], want, scale=1e8 if scenario == "large_offset" else 1.0)
+    assert_same_stats(got[0], want, scale={"large_offset": 1e8, "float_limits": 1e308}.get(scenario, 1.0))
     for other in got[1:]:  # bit-identical on every rank
         assert other == got[0]
     for r in res["ranks"]:
@@ -131,6 +131,26 @@ def test_scenarios_cover_the_issue(group):
     assert tables["nan_on_one_rank"][2].nonfinite == 2 and tables["nan_on_one_rank"][3].nonfinite == 1
     assert len(tables["nobody_saw_anything"]) == 0
     assert tables["rank_without_samples"].count.sum() == 40 * (world - 1)
+
+
+@pytest.mark.parametrize("branch", ["stats", "stats_reduce"], ids=["all_gather", "all_reduce"])
+def test_synced_is_exact_near_the_float_limits(group, branch):
+    """Values near 1e300 / 8e307 on different ranks (GroupedStats scales them by a power of two per
+    label before squaring): the synced statistics equal one process over the union, label by
+    label (counts exactly, mean and std to rounding of each label's magnitude), and no std is inf
+    or NaN where one process gives a finite one."""
+    world, res = group
+    want = one_process(dist_worker.stats_scenarios(world)["float_limits"])
+    assert np.isfinite(want.std).all() and want.max[0] > 1e300 and want.min[2] < -8e307
+    for r in res["ranks"]:
+        got = table(r[branch]["float_limits"]["table"])
+        np.testing.assert_array_equal(got.count, want.count)
+        assert np.isfinite(got.std).all() and np.isfinite(got.mean).all(), (got.mean, got.std)
+        for i in range(len(want)):
+            size = max(abs(want.min[i]), abs(want.max[i]))
+            for col in ("mean", "std", "min", "max"):
+                np.testing.assert_allclose(getattr(got, col)[i], getattr(want, col)[i], rtol=1e-12, atol=1e-14 * size,
+                                           err_msg=f"label {want.labels[i]} {col}")
 
 
 def test_different_label_kinds_raise_on_every_rank(group):
