@@ -143,6 +143,46 @@ def _run_on_every_rank(rank: int, workdirs: Path, epochs: list) -> dict[str, Any
     return got
 
 
+def _count_collectives(rank: int) -> dict[str, int]:
+    """How many collectives a sync costs (each is a round trip of every process with gloo): the
+    real torch.distributed functions, wrapped to count their calls."""
+    import torch.distributed as dist
+
+    from labeltrack_log import GroupedStats, Tracker
+
+    calls = {"n": 0}
+    real = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast")}
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def count(fn) -> int:
+        calls["n"] = 0
+        for name, fn_real in real.items():
+            setattr(dist, name, counting(fn_real))
+        try:
+            fn()
+        finally:
+            for name, fn_real in real.items():
+                setattr(dist, name, fn_real)
+        return calls["n"]
+
+    g = GroupedStats()
+    g.update(np.arange(1000) % 1000, np.linspace(0, 1, 1000) + rank)
+    q = GroupedStats(quantiles=QUANTILES)
+    q.update(np.arange(200) % 50, np.linspace(0, 1, 200) + rank)
+    tracker = Tracker("t", sync="auto", figures=None)
+    for mode in ("train", "eval"):
+        tracker.update([0, 1], [1.0, 2.0], mode=mode)
+    out = {"plain_1000_labels": count(g.synced), "quantiles_50_labels": count(q.synced),
+           "tracker_two_modes": count(lambda: tracker.end_epoch(step=1))}
+    tracker.close()
+    return out
+
+
 def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     import torch.distributed as dist
 
@@ -214,6 +254,7 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     result["history"] = {mode: [(s, _table(t)) for s, t in tracker.history.items("loss_by_y", mode)]
                          for mode in tracker.history.modes("loss_by_y")}
     result["run"] = _run_on_every_rank(rank, workdirs, epochs)
+    result["collectives"] = _count_collectives(rank)
     dist.barrier()
     dist.destroy_process_group()
     (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

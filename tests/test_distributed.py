@@ -153,6 +153,14 @@ def test_synced_is_exact_near_the_float_limits(group, branch):
                                            err_msg=f"label {want.labels[i]} {col}")
 
 
+def test_a_small_sync_is_one_collective(group):
+    """With gloo each collective is a round trip of every process: a sync of up to ~1,800 labels
+    (with quantile sketches too) is one all_gather, a Tracker epoch end one more for the modes."""
+    world, res = group
+    for r in res["ranks"]:
+        assert r["collectives"] == {"plain_1000_labels": 1, "quantiles_50_labels": 1, "tracker_two_modes": 3}
+
+
 def test_different_label_kinds_raise_on_every_rank(group):
     world, res = group
     for r in res["ranks"]:
