@@ -222,6 +222,15 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     except InputTypeError as err:
         result["kind_mismatch"] = str(err)
 
+    # Quantiles tracked on rank 0 only: every rank raises (no rank waits in a collective the others skip).
+    g = GroupedStats(quantiles=QUANTILES if rank == 0 else None)
+    g.update([1, 2], [1.0, 2.0])
+    try:
+        g.synced()
+        result["quantile_mismatch"] = None
+    except InputTypeError as err:
+        result["quantile_mismatch"] = str(err)
+
     # Quantile sketches and the 0/1 flags travel with synced() (issue 13), in both branches.
     result["quantiles"] = {}
     for branch in ("gather", "reduce"):

@@ -167,6 +167,12 @@ def test_different_label_kinds_raise_on_every_rank(group):
         assert r["kind_mismatch"] is not None and "same kind of labels on every rank" in r["kind_mismatch"]
 
 
+def test_quantiles_on_some_ranks_only_raise_on_every_rank(group):
+    world, res = group
+    for r in res["ranks"]:
+        assert r["quantile_mismatch"] is not None and "expected every rank to track the same quantiles" in r["quantile_mismatch"]
+
+
 def _reference(world: int, csv: Path | None = None) -> tuple[list[dict], StatsHistory]:
     sinks = {"type": "csv", "path": str(csv)} if csv else None
     with Tracker("loss_by_y", sinks=sinks, sync=None, figures=None) as ref:
