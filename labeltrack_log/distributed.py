@@ -2,24 +2,33 @@
 
 :func:`sync_stats` (``GroupedStats.synced``) is a collective: every rank of the process group
 calls it with its own accumulator and gets back a new accumulator holding the statistics of all
-ranks' samples, identical on every rank. It sends O(labels) data, never the samples:
+ranks' samples, identical on every rank. It sends O(labels) data, never the samples. With gloo
+every collective is a round trip through every process (milliseconds when processes share
+cores), so it uses as few as it can, and no ``all_gather_object`` (two collectives and pickling):
 
-1. **Sizes.** One ``all_gather`` of a fixed-size buffer (``_EAGER_BYTES``) per rank: its payload
-   size and, when it fits, the payload itself (labels and state, step 2), so small vocabularies
-   sync in one collective. Every rank then knows the same totals and takes the same branch
-   below. A rank that saw nothing still takes part in every collective.
-2. **Labels and state.** Each rank's per-label state is (count, mean, M2, non-finite count, min,
-   max). While all ranks' payloads together stay under ``_GATHER_MAX_BYTES`` (the usual case),
-   every rank's labels *and* state travel in an ``all_gather`` (the eager one, or a second one),
-   and every rank folds the same data in rank order: sums, min, max, and the moments by Chan et
-   al.'s pairwise formula (on a small vocabulary the latency of each collective is the whole
-   cost). Above the limit a second ``all_gather`` carries the labels only, every rank forms the same sorted vocabulary
-   (ints numerically, strings lexicographically), scatters its state into dense arrays over it
-   and ``all_reduce``s them (each rank receives O(labels), not O(ranks * labels)): counts and
-   sums with SUM, min and -max with MIN, the moments by the exact two-pass scheme (global mean
-   from SUM(count * mean), then M2 = SUM(M2_r + count_r * (mean_r - mean)^2)).
-   Either way the result equals one process over all samples to floating-point rounding and is
-   the same on every rank.
+1. **One fixed-size all_gather** (``_EAGER_BYTES`` per rank) of a packed buffer: a header (payload
+   length, label kind, label count, block lengths, a checksum of the quantile settings) and,
+   when it fits, the payload itself: the labels (int64, or a pickled list of strings), the
+   per-label state (count, mean, M2, M2's power-of-two scale, non-finite count, min, max, the
+   0/1 flag: one float64 row each) and the quantile sketch's non-empty buckets. Up to ~1,800
+   labels (without quantiles) a sync is this one collective. Every rank then knows the same
+   headers and takes the same branch; mismatched quantile settings raise on every rank here. A
+   rank that saw nothing still takes part in every collective.
+2. **Gather branch** (all payloads together under ``_GATHER_MAX_BYTES``): when a payload did not
+   fit, one more all_gather of the payloads, padded to the longest (known from the headers).
+   Every rank forms the sorted vocabulary (ints numerically, strings lexicographically), puts
+   every rank's state into (ranks, labels) arrays and merges them with :func:`_merge_state`,
+   identically on every rank, then adds the sketches' buckets in rank order.
+3. **Reduce branch** (many labels times many ranks): one all_gather of the labels only, then
+   every rank scatters its state over the vocabulary and :func:`_merge_state` runs on
+   ``all_reduce`` (MIN, SUM, SUM: each rank receives O(labels), not O(ranks * labels)), then one
+   all_gather of the sketches when quantiles are tracked.
+
+:func:`_merge_state` is the exact two-pass scheme (global mean from SUM(count * mean), then
+M2 = SUM(M2_r + count_r * (mean_r - mean)^2)), with per-label powers of two where values near the
+float limits (1e300) would overflow a sum or a square. Either way the result equals one process
+over all samples to floating-point rounding and is the same on every rank.
+:func:`gather_objects` (the Tracker's agreement on modes and step) is one fixed-size all_gather too.
 
 With the NCCL backend the tensors go to the current CUDA device (NCCL only reduces CUDA
 tensors); gloo and the others reduce CPU tensors.
@@ -32,7 +41,8 @@ from __future__ import annotations
 import logging
 import pickle
 import sys
-from typing import TYPE_CHECKING, Any
+import zlib
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -41,16 +51,20 @@ from .errors import ConfigError, InputTypeError, MissingExtraError
 if TYPE_CHECKING:  # pragma: no cover
     from .grouping import GroupedStats
 
-__all__ = ["sync_stats", "not_padded", "resolve_group", "group_rank", "gather_objects"]
+__all__ = ["sync_stats", "not_padded", "resolve_group", "writes_here", "group_rank", "gather_objects"]
 
 logger = logging.getLogger(__name__)
 
 # Up to this many bytes of all ranks' labels + state together, they travel in one all_gather and
 # are folded on every rank; above it, the labels are gathered and the state is all_reduced.
 _GATHER_MAX_BYTES = 64 << 20
-# Fixed size of the first all_gather's buffer per rank: a payload (labels + state, ~56 bytes a
-# label) that fits travels in it, so up to ~2,300 labels a sync is one collective.
+# Fixed size of the first all_gather's buffer per rank: a payload (labels + state, 72 bytes a
+# label, plus the sketch buckets with quantiles) that fits travels in it, so up to ~1,800 labels
+# a sync is one collective.
 _EAGER_BYTES = 128 << 10
+# Fixed size of gather_objects' buffer per rank (the Tracker's modes and step): a pickle that fits
+# travels in one collective.
+_SMALL_BYTES = 4 << 10
 
 
 def _dist() -> Any:
@@ -99,17 +113,34 @@ def resolve_group(sync: Any) -> tuple[bool, Any]:
     return True, sync
 
 
+def writes_here(sync: Any) -> bool:
+    """Whether this process builds sinks for a ``sync`` setting (of a Tracker or a Run): always
+    when it does not reduce (see :func:`resolve_group`), else only on rank 0 of its group.
+
+    Raises:
+        ConfigError: a bad ``sync`` (see :func:`resolve_group`).
+    """
+    reduce, group = resolve_group(sync)
+    return not reduce or group_rank(group) == 0
+
+
 def group_rank(group: Any = None) -> int:
     """This process's rank in ``group`` (None: the default group)."""
     return _dist().get_rank(group)
 
 
 def gather_objects(obj: Any, group: Any = None) -> list[Any]:
-    """``all_gather_object``: every rank's ``obj``, in rank order, on every rank."""
+    """Every rank's picklable ``obj``, in rank order, on every rank (what ``all_gather_object``
+    gives, in one collective instead of its two when every pickle fits ``_SMALL_BYTES``)."""
     dist = _dist()
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
+    import torch
+
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    device = _device(dist, group)
+    heads, parts = _gather_fixed(dist, torch, [len(payload)], payload, _SMALL_BYTES, group, device)
+    if parts is None:
+        parts = _gather_known(dist, torch, payload, max(h[0] for h in heads), group, device)
+    return [pickle.loads(part[: h[0]]) for part, h in zip(parts, heads)]
 
 
 def _device(dist: Any, group: Any) -> Any:
@@ -120,68 +151,97 @@ def _device(dist: Any, group: Any) -> Any:
     return torch.device("cpu")
 
 
-def _vocabulary(parts: list[tuple[str | None, Any, Any]]) -> tuple[str | None, Any]:
-    """The common label kind and the sorted union of every rank's labels (same on every rank)."""
-    kinds = sorted({part[0] for part in parts if part[0] is not None})
-    if len(kinds) > 1:
-        by_rank = {rank: part[0] for rank, part in enumerate(parts) if part[0] is not None}
-        raise InputTypeError(f"synced: expected the same kind of labels on every rank, got {by_rank} (rank: kind)")
-    if not kinds:
-        return None, np.zeros(0, dtype=np.int64)
-    kind = kinds[0]
+def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.ndarray, size: int, group: Any,
+                  device: Any) -> tuple[list[list[int]], list[memoryview] | None]:
+    """One ``all_gather`` of a fixed ``size``-byte buffer per rank: the int64 ``header`` (its first
+    entry: the payload's length) and the payload itself when it fits. Returns every rank's header
+    and, when every rank's payload fitted, every rank's buffer after the header (else None).
+    With gloo each collective costs a round trip of every process (milliseconds when processes
+    share cores); the bytes of a buffer this small cost next to nothing."""
+    world = dist.get_world_size(group)
+    head = np.array(header, dtype=np.int64).view(np.uint8)
+    # The buffers are kept for the next call (fresh ones of this size cost page faults each time);
+    # every use of the gathered bytes ends within the caller's call (copies or new objects).
+    key = (size, world, str(device))
+    cached = _BUFFERS.get(key)
+    if cached is None:
+        cached = _BUFFERS[key] = (torch.zeros(size, dtype=torch.uint8), torch.empty((world, size), dtype=torch.uint8, device=device))
+    send, gathered = cached
+    buf = send.numpy()
+    buf[: len(head)] = head
+    body = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, (bytes, bytearray)) else payload
+    end = len(head) + len(body)
+    if end <= size:
+        buf[len(head) : end] = body
+    else:
+        end = len(head)
+    buf[end:] = 0  # deterministic padding
+    dist.all_gather(list(gathered.unbind(0)), send.to(device), group=group)
+    host = gathered.cpu().numpy()
+    heads = host[:, : len(head)].copy().view(np.int64).tolist()
+    if max(h[0] for h in heads) > size - len(head):
+        return heads, None
+    return heads, [memoryview(row[len(head) :]) for row in host]
+
+
+def _gather_known(dist: Any, torch: Any, payload: bytes | np.ndarray, longest: int, group: Any,
+                  device: Any) -> list[memoryview]:
+    """One ``all_gather`` of every rank's payload, padded to ``longest`` (known on every rank from
+    an earlier header); returns every rank's padded bytes."""
+    world = dist.get_world_size(group)
+    buf = np.zeros(longest, dtype=np.uint8)
+    body = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, (bytes, bytearray)) else payload
+    buf[: len(body)] = body
+    gathered = torch.empty((world, longest), dtype=torch.uint8, device=device)
+    if longest:
+        dist.all_gather(list(gathered.unbind(0)), torch.from_numpy(buf).to(device), group=group)
+    host = gathered.cpu().numpy()
+    return [memoryview(row) for row in host]
+
+
+_KINDS = (None, "int", "bool", "str")
+_BUFFERS: dict[tuple[int, int, str], Any] = {}  # (size, world, device) -> _gather_fixed's send and receive buffers
+
+
+def _encode_labels(kind: str | None, labels: Any) -> np.ndarray:
+    """The labels as bytes: int64 for int/bool labels, a pickled list for strings."""
+    if kind is None:
+        return np.zeros(0, dtype=np.uint8)
     if kind == "str":
-        vocab = sorted(set().union(*(part[1] for part in parts if part[0] is not None)))
-        return kind, np.array(vocab, dtype=object)
-    return kind, np.unique(np.concatenate([part[1] for part in parts if part[0] is not None]))
+        return np.frombuffer(pickle.dumps(list(labels), protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    return np.ascontiguousarray(labels, dtype=np.int64).view(np.uint8)
 
 
-def _positions(kind: str | None, vocab: np.ndarray, labels: Any) -> np.ndarray:
-    """Index in ``vocab`` of each of ``labels`` (all present in it)."""
-    if kind is None or not len(labels):
+def _decode_labels(kind: str | None, raw: memoryview, k: int) -> Any:
+    if kind is None:
         return np.zeros(0, dtype=np.int64)
     if kind == "str":
+        return pickle.loads(raw)
+    return np.frombuffer(raw, dtype=np.int64, count=k)
+
+
+def _vocabulary(kinds: list[str | None], labels: list[Any]) -> tuple[str | None, np.ndarray, list[np.ndarray]]:
+    """The common label kind, the sorted union of every rank's labels (ints numerically, strings
+    lexicographically; the same on every rank) and each rank's positions in it."""
+    present = sorted({kind for kind in kinds if kind is not None})
+    if len(present) > 1:
+        by_rank = {rank: kind for rank, kind in enumerate(kinds) if kind is not None}
+        raise InputTypeError(f"synced: expected the same kind of labels on every rank, got {by_rank} (rank: kind)")
+    if not present:
+        return None, np.zeros(0, dtype=np.int64), [np.zeros(0, dtype=np.int64) for _ in kinds]
+    kind = present[0]
+    seen = [lab for k, lab in zip(kinds, labels) if k is not None]
+    if kind == "str":
+        vocab = np.array(sorted(set().union(*seen)), dtype=object)
         where = {lab: i for i, lab in enumerate(vocab.tolist())}
-        return np.fromiter((where[lab] for lab in labels), dtype=np.int64, count=len(labels))
-    return np.searchsorted(vocab, labels)
-
-
-def _gather_bytes(dist: Any, torch: Any, payload: bytes, group: Any, device: Any, header: list[int]) -> tuple[list[int], list[bytes]]:
-    """Two all_gathers: every rank's ``header`` ints and length, then every rank's ``payload``
-    (padded to the longest). Returns (all headers flattened in rank order, payloads)."""
-    world = dist.get_world_size(group)
-    head = torch.tensor([len(payload), *header], dtype=torch.int64, device=device)
-    heads = [torch.empty_like(head) for _ in range(world)]
-    dist.all_gather(heads, head, group=group)
-    meta = torch.stack(heads).cpu().tolist()
-    longest = max(row[0] for row in meta)
-    buf = torch.zeros(longest, dtype=torch.uint8, device=device)
-    if payload:
-        buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
-    bufs = [torch.empty_like(buf) for _ in range(world)]
-    if longest:
-        dist.all_gather(bufs, buf, group=group)
-    host = [b.cpu().numpy().tobytes() for b in bufs] if longest else [b""] * world
-    return meta, [h[: row[0]] for h, row in zip(host, meta)]
-
-
-def _eager_gather(dist: Any, torch: Any, payload: bytes, k: int, group: Any, device: Any) -> tuple[list[int], list[bytes] | None]:
-    """One all_gather of a fixed ``_EAGER_BYTES`` buffer per rank: its payload length and label
-    count, and the payload itself when it fits. Returns (each rank's payload length, and every
-    rank's payload if all of them fitted, else None). Small vocabularies then sync in one round
-    trip: with gloo each collective costs milliseconds of latency, the bytes cost nothing."""
-    world = dist.get_world_size(group)
-    buf = np.zeros(_EAGER_BYTES, dtype=np.uint8)
-    buf[:16] = np.array([len(payload), k], dtype=np.int64).view(np.uint8)
-    if len(payload) <= _EAGER_BYTES - 16:
-        buf[16 : 16 + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
-    tensor = torch.from_numpy(buf).to(device)
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor, group=group)
-    host = [part.cpu().numpy() for part in parts]
-    lengths = [int(h[:16].view(np.int64)[0]) for h in host]
-    if max(lengths) > _EAGER_BYTES - 16:
-        return lengths, None
-    return lengths, [h[16 : 16 + n].tobytes() for h, n in zip(host, lengths)]
+        return kind, vocab, [np.fromiter((where[lab] for lab in part), dtype=np.int64, count=len(part))
+                             if k is not None else np.zeros(0, dtype=np.int64) for k, part in zip(kinds, labels)]
+    if all(len(part) == len(seen[0]) and np.array_equal(part, seen[0]) for part in seen) and len(seen) == len(kinds):
+        vocab, inverse = np.unique(seen[0], return_inverse=True)  # the usual case: the same labels everywhere
+        return kind, vocab, [inverse.reshape(-1)] * len(kinds)
+    vocab = np.unique(np.concatenate(seen))
+    return kind, vocab, [np.searchsorted(vocab, part) if k is not None else np.zeros(0, dtype=np.int64)
+                         for k, part in zip(kinds, labels)]
 
 
 def _set_vocabulary(stats: "GroupedStats", kind: str, vocab: np.ndarray) -> None:
@@ -202,14 +262,64 @@ def _set_vocabulary(stats: "GroupedStats", kind: str, vocab: np.ndarray) -> None
     stats._grow(len(labels))
 
 
+# The per-label state every rank contributes, one float64 row each, and its value for a label the
+# rank did not see. count, mean, M2 and M2's power-of-two scale merge as moments (_merge_state);
+# the rest element-wise. Per-label state that a later feature adds goes here as more rows.
+_STATE = (("_count", 0.0), ("_mean", 0.0), ("_m2", 0.0), ("_scale", 1.0), ("_nonfinite", 0.0), ("_min", np.inf),
+          ("_max", -np.inf), ("_inner", 0.0))  # _inner: a value strictly in (0, 1) was seen (an OR)
+
+
+def _merge_state(state: list[np.ndarray], reduce: Callable[[list[np.ndarray], str], np.ndarray]) -> dict[str, np.ndarray]:
+    """Merge every rank's per-label ``state`` (the rows of ``_STATE``, over one vocabulary) exactly.
+
+    ``reduce(arrays, "sum" | "min")`` reduces each array over the ranks: an ``all_reduce`` (the
+    arrays are this rank's, shape (labels,)) or a numpy reduction over axis 0 (the arrays hold
+    every rank's rows, shape (ranks, labels)); the formula is the same, three reductions:
+
+    1. MIN of (min, -max, -0/1 flag, -scale): every label's global value range and largest scale;
+    2. SUM of (count, count * mean / S, non-finite count), S a power of two >= the label's
+       largest |value| when that is beyond 2**512, else 1 (then the sum cannot overflow; a
+       division by a power of two is exact): the global mean (clipped to the range);
+    3. SUM of each rank's spread ``M2_r + count_r * (mean_r - mean)**2`` (the exact two-pass
+       scheme: first-order errors in the mean cancel), divided by T**2 for a label whose values
+       are extreme (a scale > 1 on some rank, or a range >= 2**480): T is a power of two >= every
+       rank's scale and the half range, so no term overflows, and the result keeps M2 as
+       ``m2 * T**2``, as GroupedStats does.
+    """
+    from .grouping import _BIG, _pow2
+
+    cnt, mean_local, m2_local, scale_local, nonfinite, lo_local, hi_local, inner = state
+    low = reduce([lo_local, -hi_local, -inner, -scale_local], "min")
+    lo, hi, flag, top_scale = low[0], -low[1], -low[2], -low[3]  # lo/hi: inf/-inf for a label without finite values
+    with np.errstate(invalid="ignore", over="ignore"):
+        big = np.maximum(np.abs(lo), np.abs(hi))
+        huge = np.isfinite(big) & (big > 2.0**512)
+        shift = np.where(huge, _pow2(big), 1.0) if huge.any() else 1.0
+        first = reduce([cnt, cnt * (mean_local / shift), nonfinite], "sum")
+        count = first[0]
+        seen = count > 0
+        mean = np.where(seen, np.clip(first[1] / np.maximum(count, 1) * shift, lo, hi), 0.0)
+        half_range = hi * 0.5 - lo * 0.5
+        extreme = seen & ((top_scale > 1.0) | (half_range >= _BIG * 0.5))
+        spread = np.where(cnt > 0, m2_local + cnt * (mean_local - mean) ** 2, 0.0)
+        if extreme.any():  # values near the float limits (rare): the scaled form where needed
+            scale = np.where(extreme, np.maximum(top_scale, _pow2(np.where(extreme, half_range, 1.0))), 1.0)
+            scaled = m2_local * (scale_local / scale) ** 2 + cnt * (2.0 * ((mean_local * 0.5 - mean * 0.5) / scale)) ** 2
+            spread = np.where(cnt > 0, np.where(extreme, scaled, spread), 0.0)
+        else:
+            scale = np.ones_like(count)
+    m2 = reduce([spread], "sum")[0]
+    return {"_count": count, "_mean": mean, "_m2": m2, "_scale": scale, "_nonfinite": first[2], "_min": lo,
+            "_max": hi, "_inner": flag}
+
+
 def sync_stats(stats: "GroupedStats", group: Any = None) -> "GroupedStats":
     """All ranks' statistics in a new :class:`~labeltrack_log.GroupedStats`; see :meth:`GroupedStats.synced`."""
     return _sync(stats, group)[0]
 
 
 def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int]:
-    """:func:`sync_stats` and the number of bytes this rank sent (the pickled vocabulary plus the
-    state tensors; the same whatever the number of samples)."""
+    """:func:`sync_stats` and the number of bytes this rank sent (the same whatever the number of samples)."""
     from .grouping import GroupedStats
 
     dist = _dist()
@@ -222,12 +332,7 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
     k = len(stats._labels)
     kind = stats._kind if k else None
     labels = (stats._labels if kind == "str" else np.array(stats._labels, dtype=np.int64)) if k else []
-    # Per-label state merged element-wise: (name, "sum" | "min" | "max", fill). Per-label state
-    # that a later feature adds (e.g. quantile sketches of a fixed size per label) goes in this
-    # list as more rows, or, when it needs an exact merge that is not element-wise (like the
-    # moments count/mean/M2), next to the moments in both branches below.
-    rows: list[tuple[str, str, float]] = [("_nonfinite", "sum", 0.0), ("_min", "min", np.inf), ("_max", "max", -np.inf),
-                                          ("_inner", "max", 0.0)]  # _inner: a value strictly in (0, 1) was seen (an OR)
+    settings = (stats.quantile_levels, stats._sketch_config if stats.quantile_levels else None)
 
     def fresh() -> "GroupedStats":  # an empty accumulator with this one's quantile settings
         if not stats.quantile_levels:
@@ -235,112 +340,104 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
         scale, max_buckets = stats._sketch_config
         return GroupedStats(quantiles=stats.quantile_levels, quantile_scale=scale, quantile_max_buckets=max_buckets)
 
-    state = np.stack([getattr(stats, name)[:k].astype(np.float64) for name in ("_count", "_mean", "_m2", *(r[0] for r in rows))])
+    # This rank's payload: labels | state (a float64 row per _STATE entry) | sketch buckets (its
+    # scale and count, then keys and counts: sparse, O(labels x buckets used), never the samples).
+    label_bytes = _encode_labels(kind, labels)
+    state = np.stack([getattr(stats, name)[:k].astype(np.float64) for name, _ in _STATE]) if k else np.zeros((len(_STATE), 0))
+    if stats._sketch is not None and k:
+        sk_scale, keys, counts = stats._sketch.state()
+        sketch = np.concatenate([np.array([sk_scale, len(keys)], dtype=np.int64), keys.astype(np.int64),
+                                 counts.astype(np.int64)]).view(np.uint8)
+    else:
+        sketch = np.zeros(0, dtype=np.uint8)
+    blocks = [label_bytes, state.reshape(-1).view(np.uint8), sketch]
+    payload = np.concatenate(blocks)
     world = dist.get_world_size(group)
     device = _device(dist, group)
-    full = pickle.dumps((kind, labels, state), protocol=pickle.HIGHEST_PROTOCOL)
-    # Round trip 1: every rank's sizes, and its labels and state when they fit the eager buffer.
-    # Then every rank knows the same totals and takes the same branch.
-    lengths, payloads = _eager_gather(dist, torch, full, k, group, device)
+    # Round trip 1: every rank's sizes, label kind and quantile settings (a checksum), and its
+    # whole payload when it fits: up to ~1,800 labels a sync is this one collective.
+    fingerprint = zlib.crc32(repr(settings).encode())
+    heads, bufs = _gather_fixed(dist, torch, [len(payload), _KINDS.index(kind), k, *(len(b) for b in blocks), fingerprint],
+                                payload, _EAGER_BYTES, group, device)
     sent = _EAGER_BYTES
-    if sum(lengths) <= _GATHER_MAX_BYTES:
-        # Few labels (the usual case): every rank's labels *and* state travel in an all_gather (the
-        # eager one above, or one more), and every rank folds the same data in rank order.
-        if payloads is None:
-            _, payloads = _gather_bytes(dist, torch, full, group, device, [])
-            sent += 8 + len(full)
-        parts = [pickle.loads(p) for p in payloads]
-        kind, vocab = _vocabulary(parts)
-        n = len(vocab)
-        if n == 0:
-            return fresh(), sent
-        count, mean, m2 = np.zeros(n), np.zeros(n), np.zeros(n)
-        merged = {name: np.full(n, fill) for name, _, fill in rows}
-        for part_kind, part_labels, part in parts:  # Chan et al., rank by rank
-            if part_kind is None:
-                continue
-            pos = _positions(kind, vocab, part_labels)
-            nb, mean_b, m2_b = part[0], part[1], part[2]
-            for i, (name, op, _) in enumerate(rows, start=3):
-                acc = merged[name]
-                acc[pos] = acc[pos] + part[i] if op == "sum" else (np.minimum if op == "min" else np.maximum)(acc[pos], part[i])
-            has = nb > 0
-            p = pos[has]
-            na, nb = count[p], nb[has]
-            tot = na + nb
-            delta = mean_b[has] - mean[p]
-            mean[p] += delta * (nb / tot)
-            m2[p] += m2_b[has] + delta * delta * (na * (nb / tot))
-            count[p] = tot
-    else:
-        # Many labels times many ranks: round trip 2 carries the labels only, then all_reduce
-        # of dense state (each rank receives O(labels), not O(ranks * labels)). Moments by the
-        # exact two-pass scheme: the global mean from SUM(count * mean), then
-        # M2 = SUM(M2_r + count_r * (mean_r - mean)^2) (first-order errors in the mean cancel).
-        # gloo and NCCL give every rank the same reduced values.
-        vocab_only = pickle.dumps((kind, labels, None), protocol=pickle.HIGHEST_PROTOCOL)
-        _, payloads = _gather_bytes(dist, torch, vocab_only, group, device, [])
-        sent += 8 + len(vocab_only)
-        kind, vocab = _vocabulary([pickle.loads(p) for p in payloads])
-        n = len(vocab)
-        if n == 0:  # nobody saw anything: every rank knows it, so every rank stops here
-            return fresh(), sent
-        pos = _positions(kind, vocab, labels)
+    others = [r for r, h in enumerate(heads) if h[6] != fingerprint]
+    if others:  # every rank sees the same headers, so every rank raises here
+        raise InputTypeError(f"synced: expected every rank to track the same quantiles, got quantiles={settings[0]} "
+                             f"(scale, max_buckets = {settings[1]}) here and other quantile settings on rank(s) "
+                             f"{others}; create every rank's tracker with the same quantiles")
+    kinds, ks = [_KINDS[h[1]] for h in heads], [h[2] for h in heads]
 
-        def dense(row: np.ndarray, fill: float) -> np.ndarray:
-            out = np.full(n, fill)
-            out[pos] = row
-            return out
+    def block(raw: memoryview, h: list[int], i: int) -> memoryview:
+        start = sum(h[3 : 3 + i])
+        return raw[start : start + h[3 + i]]
 
-        cnt, mean_local, m2_local = dense(state[0], 0.0), dense(state[1], 0.0), dense(state[2], 0.0)
-        sums = [dense(state[i], fill) for i, (_, op, fill) in enumerate(rows, start=3) if op == "sum"]
-        mins = [dense(state[i], fill) for i, (_, op, fill) in enumerate(rows, start=3) if op == "min"]
-        mins += [-dense(state[i], fill) for i, (_, op, fill) in enumerate(rows, start=3) if op == "max"]
-        first = torch.from_numpy(np.stack([cnt, cnt * mean_local, *sums])).to(device)
-        low = torch.from_numpy(np.stack(mins)).to(device)
-        for t, op in ((first, dist.ReduceOp.SUM), (low, dist.ReduceOp.MIN)):
-            sent += t.numel() * t.element_size()
-            dist.all_reduce(t, op=op, group=group)
-        first_h, low_h = first.cpu().numpy(), low.cpu().numpy()
-        count = first_h[0]
-        mean = np.where(count > 0, first_h[1] / np.maximum(count, 1), 0.0)
-        with np.errstate(invalid="ignore", over="ignore"):
-            spread = np.where(cnt > 0, m2_local + cnt * (mean_local - mean) ** 2, 0.0)
-        spread_t = torch.from_numpy(spread).to(device)
-        sent += spread_t.numel() * spread_t.element_size()
-        dist.all_reduce(spread_t, op=dist.ReduceOp.SUM, group=group)
-        m2 = spread_t.cpu().numpy()
-        merged = {}
-        names = {op: [name for name, o, _ in rows if o == op] for op in ("sum", "min", "max")}
-        for i, name in enumerate(names["sum"], start=2):
-            merged[name] = first_h[i]
-        for i, name in enumerate(names["min"]):
-            merged[name] = low_h[i]
-        for i, name in enumerate(names["max"], start=len(names["min"])):
-            merged[name] = -low_h[i]
+    reduce_dense = sum(h[0] for h in heads) > _GATHER_MAX_BYTES
+    if reduce_dense:  # many labels times many ranks: round trip 2 carries the labels only
+        longest = max(h[3] for h in heads)
+        bufs = _gather_known(dist, torch, label_bytes, longest, group, device)
+        sent += longest
+    elif bufs is None:  # round trip 2: the payloads (their lengths are known from round trip 1)
+        longest = max(h[0] for h in heads)
+        bufs = _gather_known(dist, torch, payload, longest, group, device)
+        sent += longest
+    kind, vocab, positions = _vocabulary(kinds, [_decode_labels(kd, block(b, h, 0), kk)
+                                                 for kd, b, h, kk in zip(kinds, bufs, heads, ks)])
+    n = len(vocab)
     result = fresh()
+    if n == 0:  # nobody saw anything: every rank knows it, so every rank stops here
+        return result, sent
     _set_vocabulary(result, kind, vocab)
-    result._count[:n] = count.astype(np.int64)  # exact: float64 holds integers up to 2**53
+    if reduce_dense:
+        # all_reduce of dense state over the vocabulary: each rank receives O(labels), not
+        # O(ranks * labels); gloo and NCCL give every rank the same reduced values.
+        pos = positions[dist.get_rank(group)]
+        mine = []
+        for (_, fill), row in zip(_STATE, state):
+            full = np.full(n, fill)
+            full[pos] = row
+            mine.append(full)
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}
+
+        def reduce(arrays: list[np.ndarray], op: str) -> np.ndarray:
+            nonlocal sent
+            t = torch.from_numpy(np.stack(arrays)).to(device)
+            sent += t.numel() * t.element_size()
+            dist.all_reduce(t, op=ops[op], group=group)
+            return t.cpu().numpy()
+
+        merged = _merge_state(mine, reduce)
+        if stats.quantile_levels:  # round trip 6: the sketches (lengths known from round trip 1)
+            longest = max(h[5] for h in heads)
+            sketches = _gather_known(dist, torch, sketch, longest, group, device)
+            sent += longest
+            heads = [[0, h[1], h[2], 0, 0, h[5]] for h in heads]  # the sketch block is all that came
+            bufs = sketches
+    else:
+        # Few labels (the usual case): every rank folds every rank's state, identically.
+        every = np.empty((len(_STATE), world, n))
+        for i, (_, fill) in enumerate(_STATE):
+            every[i] = fill
+        for r, (b, h, kk) in enumerate(zip(bufs, heads, ks)):
+            if kk:
+                rows = np.frombuffer(block(b, h, 1), dtype=np.float64).reshape(len(_STATE), kk)
+                if kk == n and (positions[r] == np.arange(n)).all():  # this rank's slots are the vocabulary's order
+                    every[:, r] = rows
+                else:
+                    every[:, r, positions[r]] = rows
+        merged = _merge_state(list(every), lambda arrays, op: (np.sum if op == "sum" else np.min)(np.stack(arrays), axis=1))
+    result._count[:n] = merged["_count"].astype(np.int64)  # exact: float64 holds integers up to 2**53
     result._nonfinite[:n] = merged["_nonfinite"].astype(np.int64)
-    result._min[:n] = merged["_min"]
-    result._max[:n] = merged["_max"]
-    result._mean[:n] = mean
-    result._m2[:n] = m2
     result._inner[:n] = merged["_inner"] > 0
+    for name in ("_mean", "_m2", "_scale", "_min", "_max"):
+        getattr(result, name)[:n] = merged[name]
     if stats.quantile_levels:
-        # Quantile sketches: every rank's non-empty buckets (sparse, O(labels x buckets used), never
-        # the samples), merged by adding counts in rank order, so every rank gets the same sketch.
-        # Every rank must track the same levels and sketch settings.
-        sketch = stats._sketch.state() if stats._sketch is not None else None
-        gathered = gather_objects((stats.quantile_levels, stats._sketch_config, kind, labels, sketch), group)
-        for levels, config, part_kind, part_labels, part_sketch in gathered:
-            if (levels, config) != (stats.quantile_levels, stats._sketch_config):
-                raise InputTypeError(f"synced: expected every rank to track quantiles={stats.quantile_levels} "
-                                     f"(scale, max_buckets = {stats._sketch_config}), got quantiles={levels} "
-                                     f"({config}) on another rank; create every rank's tracker with the same quantiles")
-            if part_kind is None or part_sketch is None:
-                continue
-            result._sketch.merge(result._sketch.from_state(*part_sketch), _positions(kind, vocab, part_labels))
+        # every rank's buckets added in rank order, so every rank gets the same sketch
+        for b, h, kk, pos in zip(bufs, heads, ks, positions):
+            if kk and h[5]:
+                raw = np.frombuffer(block(b, h, 2), dtype=np.int64)
+                m = int(raw[1])
+                part = result._sketch.from_state(int(raw[0]), raw[2 : 2 + m], raw[2 + m : 2 + 2 * m])
+                result._sketch.merge(part, pos)
     logger.debug("synced %d labels over %d ranks; this rank sent %d bytes", n, world, sent)
     return result, sent
 

@@ -17,7 +17,14 @@ Two things make that so:
   block, keeps its sinks open until the block ends and reports how it ended (FINISHED, FAILED on
   an exception or ``sys.exit(3)``, KILLED on Ctrl-C). A tracker given no run gets one of its own.
 
-Only the standard library is imported here.
+In multi-process training (``torch.distributed``, world size > 1) a run is by default the one
+record of the whole job: only rank 0 builds its sinks (``Run(sync="auto")``), every other rank
+builds none, so a script that creates the same run on every rank (as under torchrun) writes one
+set of files and one MLflow run. ``Run(sync=None)`` is a record per process (every rank builds
+its sinks; give each rank its own destinations).
+
+Only the standard library is imported here (:mod:`labeltrack_log.distributed` when a run first
+builds its sinks; it never imports torch for ``sync="auto"`` or None).
 """
 
 from __future__ import annotations
@@ -162,6 +169,18 @@ class Run:
             ``{"tensorboard": {"logdir": "logs"}}`` (the FastEstimator trace uses this to write
             into FE's own TensorBoard runs). They apply as a whole, to a sink configuration that sets
             none of them.
+        sync: Which processes of a multi-process job (``torch.distributed``) build the run's
+            sinks, as for :class:`~labeltrack_log.Tracker`'s ``sync``. ``"auto"`` (default): when
+            torch.distributed is initialised with world size > 1, the run is one record of the
+            whole job and only rank 0 builds sinks (its own and its trackers'); the other ranks
+            build none (no files, MLflow runs, spools or child processes), so enter the run after
+            ``init_process_group``; otherwise every process builds them as usual. A process
+            group: only that group's rank 0 builds them. None: the run is a record per process:
+            every rank builds its sinks (pair it with ``Tracker(sync=None)`` to log each rank's
+            own shard, and give each rank its own destinations). A tracker attached to the run
+            builds sinks only on a rank where both its own ``sync`` and the run's allow it.
+            Sink *instances* in ``sinks`` were built by the caller, on every rank that built
+            them: pass configurations (names, dicts) to have them built on rank 0 only.
 
     Attributes:
         name: the run's name, or None.
@@ -183,13 +202,17 @@ class Run:
     """
 
     def __init__(self, sinks: Any = None, *, name: str | None = None,
-                 defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 defaults: Mapping[str, Mapping[str, Any]] | None = None, sync: Any = "auto") -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise ConfigError(f"name: expected a non-empty str or None, got {name!r}")
         if defaults is not None and not (isinstance(defaults, Mapping)
                                          and all(isinstance(v, Mapping) for v in defaults.values())):
             raise ConfigError(f"defaults: expected a mapping sink kind -> option defaults, got {defaults!r}")
+        from .distributed import resolve_group
+
+        resolve_group(sync)  # checked now: a bad value (or a group without torch.distributed) raises ConfigError
         self.name = name
+        self._sync = sync
         self._config = sinks
         self._specs = sink_specs(sinks)  # checked now: a bad configuration fails before training
         self._defaults: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (defaults or {}).items()}
@@ -262,8 +285,16 @@ class Run:
     def _detach(self, tracker: "Tracker") -> None:
         self._trackers = [t for t in self._trackers if t is not tracker]
 
+    def _writes(self) -> bool:
+        """Whether this process builds the run's sinks (not on ranks other than 0 of a synced run)."""
+        from .distributed import writes_here
+
+        return writes_here(self._sync)
+
     def _hold(self) -> None:
         """The run's own use of its sinks, from ``with`` until :meth:`close`."""
+        if self._held is None and not self._writes():
+            self._held = []  # another rank owns the run's record
         if self._held is None:
             if self._own is not None and not any(s.closed for s in self._own):
                 self._held = self._acquire(self._own)
@@ -272,7 +303,10 @@ class Run:
 
     def _sinks_for(self, config: Any = None, *, default: bool = True) -> list[Sink]:
         """One use of each sink of the run's configuration (``default``) or of ``config``, shared
-        through the registry; the caller gives them back with :meth:`_release`."""
+        through the registry; the caller gives them back with :meth:`_release`. Empty on a rank
+        that does not build the run's sinks."""
+        if not self._writes():
+            return []
         if not default:
             return self._acquire(sink_specs(config))
         if self._own is not None and not any(s.closed for s in self._own):
@@ -282,9 +316,12 @@ class Run:
 
     def __getstate__(self) -> dict[str, Any]:
         """The configuration only: a copy opens its sinks again when used (never the original's uses)."""
-        return {"name": self.name, "_config": self._config, "_specs": self._specs, "_defaults": self._defaults}
+        sync = self._sync if self._sync is None or isinstance(self._sync, str) else "auto"  # a group does not pickle
+        return {"name": self.name, "_config": self._config, "_specs": self._specs, "_defaults": self._defaults,
+                "_sync": sync}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.setdefault("_sync", "auto")
         self.__dict__.update(state)
         self._held = self._own = None
         self._trackers, self._entered, self.status = [], False, None

@@ -83,7 +83,10 @@ class Tracker:
             collective (call it on every rank), returns the same global tables on every rank, and
             :attr:`history` is global on every rank; only rank 0 of the group builds sinks (the
             other ranks write nothing: no files, runs, spools or child processes), so create the
-            tracker after ``init_process_group``. torch is never imported for ``"auto"``.
+            tracker after ``init_process_group``. torch is never imported for ``"auto"``. A tracker
+            attached to a ``run`` writes only where the run does too: a ``Run`` is by default
+            (``Run(sync="auto")``) the one record of the job, built on rank 0 only, so a
+            ``sync=None`` tracker that should log every rank's shard needs ``Run(sync=None)``.
         run: The :class:`~labeltrack_log.Run` to attach to; None: a run of its own.
 
     Attributes:
@@ -164,12 +167,17 @@ class Tracker:
         self._warned: set[str] = set()  # modes warned about a step that does not increase
         self._sink_config = sinks
         self._run_default = run is not None and sinks is None  # use the run's own sinks
-        self._run = run if run is not None else Run([])
+        self._sync = sync
+        self._run = run if run is not None else Run([], sync=sync)
         self._sinks: list[Sink] | None = None
         self._failed: list[Sink] = []
-        self._sync = sync
         self._run._attach(self)
-        self._open(self._run._sinks_for(sinks, default=self._run_default) if self._writes() else [])
+        writes = self._writes()
+        if not writes and not self._reduces():
+            logger.warning("%s: this tracker does not reduce across ranks (sync=None) but its run writes on rank 0 only "
+                           "(Run(sync=%r)): this rank's tables are returned, not written. Pass Run(sync=None) too for "
+                           "a record per rank", name, self._run._sync)
+        self._open(self._run._sinks_for(sinks, default=self._run_default) if writes else [])
 
     @property
     def figures(self) -> str | int | None:
@@ -345,11 +353,16 @@ class Tracker:
         return modes, parts[0][1], {mode: self._stats.pop(mode, empty).synced(group) for mode in modes}
 
     def _writes(self) -> bool:
-        """Whether this process builds sinks: always, except on ranks other than 0 when reducing."""
-        from .distributed import group_rank, resolve_group
+        """Whether this process builds sinks: always, except on ranks other than 0 when this tracker
+        reduces or its run is one record of a multi-process job (see ``Run(sync=...)``)."""
+        from .distributed import writes_here
 
-        reduce, group = resolve_group(self._sync)
-        return not reduce or group_rank(group) == 0
+        return writes_here(self._sync) and self._run._writes()
+
+    def _reduces(self) -> bool:
+        from .distributed import resolve_group
+
+        return resolve_group(self._sync)[0]
 
     def _restrict(self, table: StatsTable) -> StatsTable:
         if self.labels is None:
@@ -463,6 +476,6 @@ class Tracker:
         self.__dict__.setdefault("_run_default", False)
         self.__dict__.setdefault("_warned", set())
         if "_run" not in self.__dict__:
-            self._run = Run([])
+            self._run = Run([], sync=self._sync)
         self._run._attach(self)
         self._replay = set(self._logged)  # the next repeated step of these modes is a re-run epoch

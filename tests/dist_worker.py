@@ -56,6 +56,15 @@ def stats_scenarios(world: int) -> dict[str, list[Batches]]:
         (np.array([0, 1, 2, 2, 2, 3]), np.array([1.0, 2.0, np.nan, np.inf, 3.0, np.nan]) if r == 0 else g.normal(0, 1, 6))])
     out["large_offset"] = ranks(lambda r, g: [(g.integers(0, 3, 200), 1e8 + g.normal(0, 1, 200))])
     out["nobody_saw_anything"] = ranks(lambda r, g: [])
+    # Values near the float limits (issue 11's per-label power-of-two scale): +1e300 on even ranks and
+    # -1e300 on odd ones (label 0), one 1e300 among N(0, 1) on the last rank only (label 1), +-8e307
+    # whose deviations cannot be squared (label 2), and an ordinary label next to them (label 3).
+    out["float_limits"] = ranks(lambda r, g: [(
+        np.repeat([0, 1, 2, 3], [5, 6, 4, 5]),
+        np.concatenate([(1.0 if r % 2 == 0 else -1.0) * 1e300 * (1 + g.random(5)),
+                        np.r_[g.normal(0, 1, 5), [1e300 if r == world - 1 else 0.5]],
+                        (1.0 if r % 2 == 0 else -1.0) * 8e307 * (1 + 0.05 * g.random(4)),
+                        g.normal(r, 1, 5)]))])
     return out
 
 
@@ -91,6 +100,87 @@ def run(rank: int, world: int, port: int, out: str, workdirs: str) -> None:
     except BaseException:
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+
+
+def _children() -> list[int]:
+    """This process's child processes (an MLflow delivery child would be one)."""
+    return sorted(int(pid) for task in Path("/proc/self/task").iterdir()
+                  for pid in (task / "children").read_text().split())
+
+
+def _run_on_every_rank(rank: int, workdirs: Path, epochs: list) -> dict[str, Any]:
+    """Every rank creates the same ``Run(sinks=[CSV, TensorBoard, MLflow sqlite])`` and two
+    trackers on it (as a script run under torchrun does): only rank 0 may build them (issue 12).
+    Then a ``Run(sync=None)`` with ``Tracker(sync=None)``: a record per rank, each of its shard."""
+    import torch.distributed as dist
+
+    from labeltrack_log import Run, Tracker
+
+    got: dict[str, Any] = {}
+    os.chdir(workdirs / "run" / f"rank{rank}")
+    sinks = ["csv", "tensorboard", {"type": "mlflow", "tracking_uri": f"sqlite:///{(Path.cwd() / 'mlflow.db').as_posix()}"}]
+    with Run(sinks=sinks, name="ddp") as run:
+        loss = Tracker("loss_by_y", run=run, figures="end")
+        acc = Tracker("acc_by_y", run=run, figures=None)
+        got["sinks"] = [len(run.sinks), len(loss.sinks), len(acc.sinks)]
+        for e, per_rank in enumerate(epochs):
+            for mode, batches in per_rank[rank].items():
+                for labels, values in batches:
+                    loss.update(labels, values, mode=mode)
+                    acc.update(labels, (values > 2.0).astype(float), mode=mode)
+            tables = loss.end_epoch(step=100 * (e + 1))
+            acc.end_epoch(step=100 * (e + 1))
+        got["train_count"] = int(tables["train"].count.sum())
+        got["children"] = _children()
+        got["written"] = sorted(str(p) for p in Path.cwd().rglob("*"))
+    os.chdir(workdirs / "per_rank" / f"rank{rank}")
+    with Run(sinks="csv", sync=None) as run:
+        local = Tracker("loss_by_y", run=run, sync=None, figures=None)
+        for labels, values in epochs[0][rank]["train"]:
+            local.update(labels, values)
+        got["per_rank_count"] = int(local.end_epoch(step=100)["train"].count.sum())
+    dist.barrier()
+    return got
+
+
+def _count_collectives(rank: int) -> dict[str, int]:
+    """How many collectives a sync costs (each is a round trip of every process with gloo): the
+    real torch.distributed functions, wrapped to count their calls."""
+    import torch.distributed as dist
+
+    from labeltrack_log import GroupedStats, Tracker
+
+    calls = {"n": 0}
+    real = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast")}
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def count(fn) -> int:
+        calls["n"] = 0
+        for name, fn_real in real.items():
+            setattr(dist, name, counting(fn_real))
+        try:
+            fn()
+        finally:
+            for name, fn_real in real.items():
+                setattr(dist, name, fn_real)
+        return calls["n"]
+
+    g = GroupedStats()
+    g.update(np.arange(1000) % 1000, np.linspace(0, 1, 1000) + rank)
+    q = GroupedStats(quantiles=QUANTILES)
+    q.update(np.arange(200) % 50, np.linspace(0, 1, 200) + rank)
+    tracker = Tracker("t", sync="auto", figures=None)
+    for mode in ("train", "eval"):
+        tracker.update([0, 1], [1.0, 2.0], mode=mode)
+    out = {"plain_1000_labels": count(g.synced), "quantiles_50_labels": count(q.synced),
+           "tracker_two_modes": count(lambda: tracker.end_epoch(step=1))}
+    tracker.close()
+    return out
 
 
 def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
@@ -132,6 +222,15 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     except InputTypeError as err:
         result["kind_mismatch"] = str(err)
 
+    # Quantiles tracked on rank 0 only: every rank raises (no rank waits in a collective the others skip).
+    g = GroupedStats(quantiles=QUANTILES if rank == 0 else None)
+    g.update([1, 2], [1.0, 2.0])
+    try:
+        g.synced()
+        result["quantile_mismatch"] = None
+    except InputTypeError as err:
+        result["quantile_mismatch"] = str(err)
+
     # Quantile sketches and the 0/1 flags travel with synced() (issue 13), in both branches.
     result["quantiles"] = {}
     for branch in ("gather", "reduce"):
@@ -163,6 +262,8 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     result["returned"] = returned
     result["history"] = {mode: [(s, _table(t)) for s, t in tracker.history.items("loss_by_y", mode)]
                          for mode in tracker.history.modes("loss_by_y")}
+    result["run"] = _run_on_every_rank(rank, workdirs, epochs)
+    result["collectives"] = _count_collectives(rank)
     dist.barrier()
     dist.destroy_process_group()
     (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

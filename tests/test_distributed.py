@@ -33,7 +33,8 @@ def spawn(world: int, root: Path) -> dict:
     out, workdirs = root / "out", root / "work"
     out.mkdir()
     for r in range(world):
-        (workdirs / f"rank{r}").mkdir(parents=True)
+        for sub in ("", "run", "per_rank"):  # the Tracker, Run and Run(sync=None) parts of dist_worker
+            (workdirs / sub / f"rank{r}").mkdir(parents=True)
     ctx = tmp.start_processes(dist_worker.run, args=(world, servers.free_port(), str(out), str(workdirs)),
                               nprocs=world, start_method="spawn", join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT
@@ -87,7 +88,7 @@ def test_synced_equals_one_process_on_every_rank(group, scenario, branch):
     world, res = group
     want = one_process(dist_worker.stats_scenarios(world)[scenario])
     got = [table(r[branch][scenario]["table"]) for r in res["ranks"]]
-    assert_same_stats(got[0], want, scale=1e8 if scenario == "large_offset" else 1.0)
+    assert_same_stats(got[0], want, scale={"large_offset": 1e8, "float_limits": 1e308}.get(scenario, 1.0))
     for other in got[1:]:  # bit-identical on every rank
         assert other == got[0]
     for r in res["ranks"]:
@@ -128,10 +129,44 @@ def test_scenarios_cover_the_issue(group):
     assert tables["rank_without_samples"].count.sum() == 40 * (world - 1)
 
 
+@pytest.mark.parametrize("branch", ["stats", "stats_reduce"], ids=["all_gather", "all_reduce"])
+def test_synced_is_exact_near_the_float_limits(group, branch):
+    """Values near 1e300 / 8e307 on different ranks (GroupedStats scales them by a power of two per
+    label before squaring): the synced statistics equal one process over the union, label by
+    label (counts exactly, mean and std to rounding of each label's magnitude), and no std is inf
+    or NaN where one process gives a finite one."""
+    world, res = group
+    want = one_process(dist_worker.stats_scenarios(world)["float_limits"])
+    assert np.isfinite(want.std).all() and want.max[0] > 1e300 and want.min[2] < -8e307
+    for r in res["ranks"]:
+        got = table(r[branch]["float_limits"]["table"])
+        np.testing.assert_array_equal(got.count, want.count)
+        assert np.isfinite(got.std).all() and np.isfinite(got.mean).all(), (got.mean, got.std)
+        for i in range(len(want)):
+            size = max(abs(want.min[i]), abs(want.max[i]))
+            for col in ("mean", "std", "min", "max"):
+                np.testing.assert_allclose(getattr(got, col)[i], getattr(want, col)[i], rtol=1e-12, atol=1e-14 * size,
+                                           err_msg=f"label {want.labels[i]} {col}")
+
+
+def test_a_small_sync_is_one_collective(group):
+    """With gloo each collective is a round trip of every process: a sync of up to ~1,800 labels
+    (with quantile sketches too) is one all_gather, a Tracker epoch end one more for the modes."""
+    world, res = group
+    for r in res["ranks"]:
+        assert r["collectives"] == {"plain_1000_labels": 1, "quantiles_50_labels": 1, "tracker_two_modes": 3}
+
+
 def test_different_label_kinds_raise_on_every_rank(group):
     world, res = group
     for r in res["ranks"]:
         assert r["kind_mismatch"] is not None and "same kind of labels on every rank" in r["kind_mismatch"]
+
+
+def test_quantiles_on_some_ranks_only_raise_on_every_rank(group):
+    world, res = group
+    for r in res["ranks"]:
+        assert r["quantile_mismatch"] is not None and "expected every rank to track the same quantiles" in r["quantile_mismatch"]
 
 
 def _reference(world: int, csv: Path | None = None) -> tuple[list[dict], StatsHistory]:
@@ -198,6 +233,41 @@ def test_only_rank_zero_writes(group, tmp_path):
     assert keys
     for key in keys[:20]:
         assert [m.step for m in client.get_metric_history(runs[0].info.run_id, key)] == [100, 200], key
+
+
+def test_a_run_on_every_rank_builds_its_sinks_on_rank_zero_only(group):
+    """Every rank creates ``Run(sinks=[CSV, TensorBoard, MLflow sqlite])`` and two trackers on it:
+    only rank 0 builds sinks (one CSV, TensorBoard files, exactly one MLflow run); the other ranks
+    build none (no files, no MLflow run, no spool, no delivery child), and every rank gets the
+    global tables."""
+    world, res = group
+    work = res["workdirs"] / "run"
+    runs = [r["run"] for r in res["ranks"]]
+    assert runs[0]["sinks"] == [3, 3, 3]
+    total = int(_reference(world)[0][1]["train"].count.sum())  # one process over every rank's last epoch
+    for r, got in enumerate(runs):
+        assert got["train_count"] == total, f"rank {r} did not get the global table"
+        if r:
+            assert got["sinks"] == [0, 0, 0], f"rank {r} built sinks"
+            assert got["children"] == [], f"rank {r} started child processes {got['children']}"
+            assert got["written"] == [] and list((work / f"rank{r}").rglob("*")) == [], f"rank {r} wrote {got['written']}"
+    root = work / "rank0"
+    history = StatsHistory.from_csv(root / "labeltrack.csv")
+    assert history.steps("loss_by_y", "train") == history.steps("acc_by_y", "eval") == [100, 200]
+    assert [int(t.count.sum()) for t in history.tables("loss_by_y", "train")][-1] == total
+    events = sorted(root.rglob("events.out.tfevents*"))
+    assert sorted(p.parent.name for p in events) == ["eval", "train"] and {p.parent.parent.name for p in events} == {"ddp"}, events
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(root / 'mlflow.db').as_posix()}")
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(found) == 1 and found[0].info.status == "FINISHED" and found[0].info.run_name == "ddp"
+    assert any(k.startswith("acc_by_y") for k in found[0].data.metrics) and any(k.startswith("loss_by_y") for k in found[0].data.metrics)
+    # Run(sync=None) with Tracker(sync=None): a record per rank, each of its own shard
+    for r, got in enumerate(runs):
+        assert got["per_rank_count"] == 16 * (2 + r)
+        (back,) = StatsHistory.from_csv(res["workdirs"] / "per_rank" / f"rank{r}" / "labeltrack.csv").tables("loss_by_y", "train")
+        assert int(back.count.sum()) == 16 * (2 + r)
 
 
 @pytest.mark.parametrize(("n", "world", "drop_last"), [(10, 4, False), (12, 4, False), (7, 3, True), (1, 4, False)])

@@ -146,6 +146,21 @@ def test_reading_properties_creates_nothing(tmp_path: Path):
     copy.close()
 
 
+def test_run_sync_is_checked_at_construction_and_kept_by_a_copy(tmp_path: Path):
+    """Run(sync=...) (issue 12): "auto", None or a process group; without torch.distributed a run
+    builds its sinks as in one process whatever the setting, and a copy keeps the setting."""
+    from labeltrack_log.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sync: expected 'auto', None or a torch.distributed process group, got 'all'"):
+        Run("csv", sync="all")
+    for sync in ("auto", None):
+        path = tmp_path / f"{sync}.csv"
+        with Run({"type": "csv", "path": str(path)}, sync=sync) as run:
+            assert [type(s) for s in run.sinks] == [CSVSink]
+            feed(Tracker("x", run=run, sync=sync, figures=None), 1)
+        assert path.read_text().startswith("wall_time") and pickle.loads(pickle.dumps(run))._sync == sync
+
+
 @pytest.mark.core
 def test_exit_status_of_a_with_block():
     assert exit_status(None) == "FINISHED"
