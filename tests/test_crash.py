@@ -19,8 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -37,6 +35,7 @@ pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tables import mode_dir  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+from polling import wait_for  # noqa: E402
 from test_mlflow_outage import Rest  # noqa: E402
 
 from labeltrack_log.naming import SUMMARY, STATS, figure_name, mlflow_key, tb_item_tag, tb_tag  # noqa: E402
@@ -101,21 +100,6 @@ def crash_fit(tmp_path: Path, tracking_uri: str, experiment: str, spool_dir: Pat
 
 # ------------------------------------------------------------------- TensorBoard
 Series = dict[str, dict[str, list[tuple[int, float]]]]  # mode -> tag or key -> [(step, value)]
-
-
-def wait_for(fetch, ok, what: str, timeout: float = 30.0):
-    """Poll ``fetch()`` until ``ok(result)``; fail with the last answer after ``timeout`` s."""
-    deadline, last = time.monotonic() + timeout, None
-    while True:
-        try:
-            last = fetch()
-            if ok(last):
-                return last
-        except (urllib.error.URLError, KeyError) as err:
-            last = err
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; last answer: {str(last)[:1500]}")
-        time.sleep(0.2)  # poll interval
 
 
 def get(url: str, path: str, **params):
@@ -293,3 +277,4 @@ def test_sigkill_with_mlflow_down_leaves_completed_epochs_in_the_spool_for_repla
     check_same_as_tensorboard(delivered, tb[0], crash)
     assert {k: sorted(v) for k, v in delivered.items()} == {k: sorted(v) for k, v in spooled.items()}
     assert rest_figure_steps(rest, run_id) == crash.figure_steps
+

@@ -209,7 +209,8 @@ def test_two_trackers_log_into_one_mlflow_run_and_reading_creates_no_run(store):
         for step in (1, 2):
             feed(loss, step)
             feed(acc, step, offset=0.5)
-        run_id = loss.sinks[0].run_id
+        shared = loss.sinks[0]
+    run_id = shared.run_id  # after close: inside, it waits only `timeout` for the run
     assert loss.sinks == [] and acc.sinks == [] and loss.run.sinks == []  # read after the block: nothing opens
     (run,) = _runs(client, "two")
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
@@ -226,12 +227,12 @@ def _status_of(uri: str, client, experiment: str, body) -> str:
         with Run(config) as run:
             tracker = Tracker("loss_by_y", run=run, figures=None)
             feed(tracker, 1)
-            holder["run_id"] = run.sinks[0].run_id
+            holder["sink"] = run.sinks[0]
             body()
     finally:
         holder["status"] = run.status
     (got,) = _runs(client, experiment)
-    assert got.info.run_id == holder["run_id"] and holder["status"] == got.info.status
+    assert got.info.run_id == holder["sink"].run_id and holder["status"] == got.info.status
     return got.info.status
 
 
