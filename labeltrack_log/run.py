@@ -10,7 +10,10 @@ Two things make that so:
   CSV/JSONL path, the ImageDir directory, MLflow's tracking URI, experiment and run). Trackers whose
   configurations name the same destination get the same sink instance; a Sink instance handed to
   several trackers is shared the same way. A sink is closed when its last user releases it, with
-  the worst status any user reported (FAILED or KILLED over FINISHED);
+  the worst status any user reported (FAILED or KILLED over FINISHED). An exception that ends
+  the process (one nobody caught, e.g. out of a FastEstimator ``fit()``, which then never calls
+  its traces' ``on_end``) closes the sinks still shared with its status (FAILED, KILLED for
+  Ctrl-C): see :func:`_install_excepthook`;
 * a :class:`Run`: the context a tracker attaches to (``Tracker(..., run=run)``). It holds the sink
   configuration its trackers use by default, option defaults for the sinks built in it (its
   ``name`` is the TensorBoard run directory and the MLflow run name), and, used as a ``with``
@@ -30,6 +33,7 @@ builds its sinks; it never imports torch for ``sync="auto"`` or None).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -115,7 +119,21 @@ class _Registry:
         entry = _Entry(sink, key if key is not None else ("instance", id(sink)), options)
         self._by_key[entry.key] = entry
         self._by_id[id(sink)] = entry
+        _install_excepthook()
         return entry
+
+    def close_all(self, status: str) -> None:
+        """Close every sink still shared, whoever uses it, with ``status`` (or a worse one a user
+        reported): what is left open when an exception ends the process."""
+        with self._lock:
+            entries = list(self._by_id.values())
+            for entry in entries:
+                self._remove(entry)
+        for entry in entries:
+            try:
+                entry.sink.close(_worse(entry.status, status))
+            except Exception:  # noqa: BLE001 - the process is ending: close the others all the same
+                logger.exception("could not close sink %r", entry.sink)
 
     def _remove(self, entry: _Entry) -> None:
         if self._by_key.get(entry.key) is entry:
@@ -133,6 +151,42 @@ def _differs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 _REGISTRY = _Registry()
+_HOOKED = False  # whether this process's sys.excepthook closes the shared sinks
+
+
+def _interactive() -> bool:
+    """Whether an exception that reaches ``sys.excepthook`` leaves the process running: the
+    interactive prompt (``python``, ``python -i``), IPython, ``code.interact``."""
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or "IPython" in sys.modules
+
+
+def _install_excepthook() -> None:
+    """Once per process, when the first sink is shared: chain ``sys.excepthook`` so that an
+    exception that ends the process closes the sinks nobody closed with the status it means
+    (:func:`~labeltrack_log.sinks.exit_status`: FAILED, KILLED for KeyboardInterrupt).
+
+    Why: FastEstimator's ``Estimator.fit()`` does not call its traces' ``on_end`` when it raises,
+    so a LabelTracker cannot close its sinks; left open, the MLflow delivery process would mark the
+    run KILLED at exit. The hook the process had before is called first (it prints the traceback),
+    unchanged. Only exceptions nobody caught reach it: a caught one, another thread's and
+    ``sys.exit()`` do not, nor does it act in an interactive session (the prompt, ``python -i``,
+    IPython/Jupyter), where the process goes on; those sinks end as before (closed by their users,
+    else KILLED when the process exits). A hook installed later by the user replaces this one.
+    """
+    global _HOOKED
+    if _HOOKED:
+        return
+    _HOOKED = True
+    previous = sys.excepthook
+
+    def close_shared_sinks(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        try:
+            previous(exc_type, exc, tb)
+        finally:
+            if not _interactive():  # at a prompt the session goes on after the traceback
+                _REGISTRY.close_all(exit_status(exc_type, exc))
+
+    sys.excepthook = close_shared_sinks
 
 
 def shared_sinks() -> list[Sink]:

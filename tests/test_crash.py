@@ -8,7 +8,8 @@ the last completed epoch (3) ends with small stats writes only: a sink that leav
 writes its own record of each finished epoch (FE's global step, the labels its batches held), which
 the sinks' output is checked against. Read back through a real `tensorboard` server and the event
 files, a real `mlflow server`'s REST API, the spool file and the `labeltrack-log replay` command.
-No mocks.
+The last test is the other way a fit dies: an op raises mid-epoch, FE calls no `on_end`, and the
+MLflow run must still end FAILED (read from the sqlite store). No mocks.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -37,6 +36,7 @@ pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tables import mode_dir  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+from polling import wait_for  # noqa: E402
 from test_mlflow_outage import Rest  # noqa: E402
 
 from labeltrack_log.naming import SUMMARY, STATS, figure_name, mlflow_key, tb_item_tag, tb_tag  # noqa: E402
@@ -101,21 +101,6 @@ def crash_fit(tmp_path: Path, tracking_uri: str, experiment: str, spool_dir: Pat
 
 # ------------------------------------------------------------------- TensorBoard
 Series = dict[str, dict[str, list[tuple[int, float]]]]  # mode -> tag or key -> [(step, value)]
-
-
-def wait_for(fetch, ok, what: str, timeout: float = 30.0):
-    """Poll ``fetch()`` until ``ok(result)``; fail with the last answer after ``timeout`` s."""
-    deadline, last = time.monotonic() + timeout, None
-    while True:
-        try:
-            last = fetch()
-            if ok(last):
-                return last
-        except (urllib.error.URLError, KeyError) as err:
-            last = err
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; last answer: {str(last)[:1500]}")
-        time.sleep(0.2)  # poll interval
 
 
 def get(url: str, path: str, **params):
@@ -293,3 +278,67 @@ def test_sigkill_with_mlflow_down_leaves_completed_epochs_in_the_spool_for_repla
     check_same_as_tensorboard(delivered, tb[0], crash)
     assert {k: sorted(v) for k, v in delivered.items()} == {k: sorted(v) for k, v in spooled.items()}
     assert rest_figure_steps(rest, run_id) == crash.figure_steps
+
+
+# --------------------------------------------------------------- an exception out of fit()
+RAISES_IN_FIT = """
+import sys
+sys.path.insert(0, {examples!r})
+import fastestimator as fe
+from fastestimator.op.tensorop import LambdaOp
+from fastestimator.op.tensorop.loss import CrossEntropy
+from fastestimator.op.tensorop.model import ModelOp, UpdateOp
+from fe_torch_digits import digits_data, mlp
+from labeltrack_log.fastestimator import LabelTracker
+
+uri, experiment = sys.argv[1], sys.argv[2]
+train, evaluation = digits_data(300)
+steps = -(-len(train) // 32)  # training steps per epoch
+
+
+class Diverges:
+    # a network op that raises at its ``at``-th call (the warmup calls it once): mid-epoch 2
+    def __init__(self, at):
+        self.calls, self.at = 0, at
+
+    def __call__(self, y):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("loss diverged")
+        return y
+
+
+model = fe.build(model_fn=mlp, optimizer_fn="adam")
+network = fe.Network(ops=[
+    ModelOp(model=model, inputs="x", outputs="y_pred"),
+    CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
+    CrossEntropy(inputs=("y_pred", "y"), outputs="sample_ce", from_logits=True, average_loss=False),
+    LambdaOp(fn=Diverges(1 + steps + 3), inputs="y", outputs="y_checked", mode="train"),
+    UpdateOp(model=model, loss_name="ce"),
+])
+tracker = LabelTracker(label="y", metric="sample_ce", mode=["train", "eval"], outputs="ce_by_digit",
+                       sinks=[{{"type": "mlflow", "tracking_uri": uri, "experiment": experiment}}])
+estimator = fe.Estimator(pipeline=fe.Pipeline(train_data=train, eval_data=evaluation, batch_size=32),
+                         network=network, epochs=3, traces=[tracker], log_steps=0)
+print("steps", steps, flush=True)
+estimator.fit()  # raises in epoch 2: FE never calls the trace's on_end
+print("not reached")
+"""
+
+
+@pytest.mark.timeout(300)
+def test_an_exception_out_of_fit_ends_the_mlflow_run_failed(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    script = RAISES_IN_FIT.format(examples=str(Path(__file__).parents[1] / "examples"))
+    out = subprocess.run([sys.executable, "-c", script, uri, "fit-raises"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=240, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert out.returncode == 1 and "RuntimeError: loss diverged" in out.stderr, out.stderr[-3000:]
+    assert "not reached" not in out.stdout
+    steps = int(out.stdout.split("steps ")[1].split()[0])
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fit-raises").experiment_id])
+    assert run.info.status == "FAILED"  # not KILLED: the training did not stop from outside, it raised
+    history = client.get_metric_history(run.info.run_id, mlflow_key("ce_by_digit", "train", SUMMARY, "num_labels"))
+    assert [m.step for m in history] == [steps]  # epoch 1 was delivered, epoch 2 never ended

@@ -165,9 +165,9 @@ def test_mlflow_keys_of_colliding_long_labels_and_a_summary_label(mlflow_server)
     g.update(labels, [0.1, 9.0, np.nan])  # the "_summary" label has a nonfinite value
     with MLflowSink(mlflow_server.url, experiment="collisions", delivery="inline") as sink:
         sink.log_stats(g.compute(), step=1, name="ce", mode="eval")
-        run_id = sink.run_id
         parts = sink.label_parts(PATHS, "ce", "mlflow")
         assert len(set(parts)) == len(PATHS)  # the same check the sink's keys go through
+    run_id = sink.run_id  # after close: inside, it waits only `timeout` for the run
     keys = metric_keys(mlflow_server.url, run_id)
     means = {k: history(mlflow_server.url, run_id, k) for k in keys if k.endswith("/mean")}
     assert sorted(v[0][1] for v in means.values()) == pytest.approx([0.1, 5.0, 9.0])  # three keys, one value each

@@ -23,6 +23,7 @@ if os.name != "posix":  # pragma: no cover
     pytest.skip("process delivery needs POSIX", allow_module_level=True)
 
 import servers  # noqa: E402
+from polling import open_run_id  # noqa: E402
 from test_mlflow_outage import BOUND, TIMEOUT, FaultyProxy, Rest, assert_exactly_once, expected_values, figure, png_steps, table, timed  # noqa: E402
 
 from labeltrack_log import ConfigError  # noqa: E402
@@ -106,7 +107,7 @@ def test_outage_mid_training_every_value_arrives_exactly_once(tmp_path, caplog):
 
         for step in range(3):
             log(step)
-        run_id = sink.run_id  # waits for the delivery process to create the run
+        run_id = open_run_id(sink)  # waits for the delivery process to create the run
         wait_until(lambda: png_steps(rest.images(run_id)) == [0, 1, 2], what="steps 0-2 delivered")
         server.kill()
         for step in range(3, 6):
@@ -131,7 +132,7 @@ def test_lost_answers_are_not_delivered_twice(mlflow_server):
     try:
         sink = MLflowSink(proxy.url, experiment="lost-answers-process", timeout=TIMEOUT, retry_interval=0.1)
         sink.log_stats(table(0, 4), step=0, name="ce", mode="train")
-        run_id = sink.run_id
+        run_id = open_run_id(sink)
         wait_until(lambda: rest.history(run_id, "ce/train/0/mean") == [(0, 0.0)], what="step 0")
         proxy.drop = "/runs/set-tag"  # the last request of log_image: PNG and thumbnail are stored
         sink.log_figure(figure(1), step=1, name="ce_band", mode="train")
@@ -180,7 +181,7 @@ def test_a_rejected_batch_is_reported_in_the_training_process(mlflow_server, cap
     rest, client = Rest(mlflow_server.url), MlflowClient(mlflow_server.url)
     sink = MLflowSink(mlflow_server.url, experiment="rejected-process", timeout=TIMEOUT, retry_interval=0.1)
     sink.log_stats(table(0, 3), step=0, name="ce", mode="train")
-    run_id = sink.run_id
+    run_id = open_run_id(sink)
     wait_until(lambda: rest.history(run_id, "ce/train/0/mean") == [(0, 0.0)], what="step 0")
     client.delete_run(run_id)  # someone deletes the run mid-training: the server answers 400
     sink.log_stats(table(1, 3), step=1, name="ce", mode="train")
@@ -207,7 +208,7 @@ def test_a_killed_delivery_process_is_restarted_and_nothing_is_lost(mlflow_serve
     rest = Rest(mlflow_server.url)
     sink = MLflowSink(mlflow_server.url, experiment="child-killed", timeout=TIMEOUT, retry_interval=0.1)
     sink.log_stats(table(0, 6), step=0, name="ce", mode="train")
-    run_id = sink.run_id
+    run_id = open_run_id(sink)  # killed once the run exists
     first = sink._process.proc
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
@@ -285,7 +286,7 @@ def test_a_long_run_spool_is_rotated_once_delivered(mlflow_server, monkeypatch):
     for step in range(12):
         sink.log_stats(table(step, 8), step=step, name="ce", mode="train")
         files.append(sink.spool.path)
-        run_id = sink.run_id
+        run_id = open_run_id(sink)
         wait_until(lambda: len(rest.history(run_id, "ce/train/0/mean")) == step + 1, what=f"step {step}")
     assert len(set(files)) >= 3  # rotated, every time only once everything in the old file was stored
     wait_until(lambda: sum(p.exists() for p in set(files)) == 1, what="the delivered files to be removed")
@@ -359,8 +360,7 @@ def test_a_forked_worker_logging_through_the_parents_sink_loses_nothing(mlflow_s
     rest = Rest(mlflow_server.url)
     sink = MLflowSink(mlflow_server.url, experiment="fork", timeout=TIMEOUT, retry_interval=0.1)
     sink.log_stats(table(1, 3), step=1, name="ce", mode="train")
-    wait_until(lambda: sink.run_id is not None, 60, "the run")  # a fresh delivery process may take a while
-    run_id = sink.run_id
+    run_id = open_run_id(sink)  # a fresh delivery process may take a while
     worker = multiprocessing.get_context("fork").Process(target=_log_in_a_fork_worker, args=(sink, [10, 11, 12]))
     worker.start()
     sink.log_stats(table(2, 3), step=2, name="ce", mode="train")  # while the worker logs
@@ -394,7 +394,7 @@ def test_close_with_a_large_backlog_returns_within_close_timeout_and_says_how_to
     left = int(warning.split("MLflowSink: ")[1].split(" batch(es)")[0])
     assert 0 < left <= len(spool.read_text().splitlines())  # how many wait, counted
     assert replay_spool(spool) == left
-    wait_until(lambda: sink.run_id is not None, 10, "the run id")
+    open_run_id(sink)  # close_timeout=1: the delivery process may report the run's id only after close
     for key in ("ce/train/0/mean", "ce/train/1999/max"):
         assert [s for s, _ in rest.history(sink.run_id, key)] == steps, key  # every step once
     assert rest.run(sink.run_id)["info"]["status"] == "FINISHED"

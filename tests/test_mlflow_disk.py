@@ -17,6 +17,7 @@ pytest.importorskip("mlflow")
 if os.name != "posix":  # pragma: no cover
     pytest.skip("tmpfs volumes and process delivery need POSIX", allow_module_level=True)
 
+from polling import open_run_id  # noqa: E402
 from test_mlflow_delivery import messages, wait_until  # noqa: E402
 from test_mlflow_outage import TIMEOUT, Rest, expected_values, table  # noqa: E402
 
@@ -94,7 +95,7 @@ def test_a_full_disk_is_reported_once_and_its_batches_are_delivered_from_memory(
     sink = MLflowSink(url, experiment=f"full-disk-{uuid.uuid4().hex[:6]}", timeout=TIMEOUT, retry_interval=0.1,
                       spool_dir=volume / "spool", delivery=delivery)
     if delivery == "process":
-        wait_until(lambda: sink.run_id is not None, 60, "the run")
+        open_run_id(sink)
     fill(volume)
     for step in range(5):
         sink.log_stats(table(step, 4), step=step, name="ce", mode="train")

@@ -8,8 +8,6 @@ import csv
 import json
 import logging
 import math
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 
 import servers  # noqa: E402  (tests/ is on sys.path via conftest)
+from polling import wait_for  # noqa: E402
 from labeltrack_log import ConfigError, GroupedStats, StatsHistory, Tracker
 from labeltrack_log.naming import SUMMARY, quantile_stat, quantile_stats, stat_level
 from labeltrack_log.sinks import apply_budget
@@ -120,20 +119,6 @@ def _get(url: str, path: str, **params):
         return json.loads(r.read())
 
 
-def _wait(fetch, ok, what: str, timeout: float = 40.0):
-    deadline, last = time.monotonic() + timeout, None
-    while True:
-        try:
-            last = fetch()
-            if ok(last):
-                return last
-        except (urllib.error.HTTPError, KeyError, StopIteration) as err:
-            last = err
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; last answer: {str(last)[:1000]}")
-        time.sleep(0.2)
-
-
 def test_tensorboard_quantile_tags_and_margin_chart(tmp_path):
     pytest.importorskip("tensorboard")
     from labeltrack_log.sinks.tensorboard import TensorBoardSink
@@ -147,15 +132,15 @@ def test_tensorboard_quantile_tags_and_margin_chart(tmp_path):
     tb = servers.tensorboard_server(root, tmp_path / "tb.log")
     try:
         for j, (q, stat) in enumerate(zip(LEVELS, QSTATS)):
-            got = _wait(lambda: _get(tb.url, "/data/plugin/scalars/scalars", run="q/train", tag=f"ce/1/{stat}"),
-                        lambda r: len(r) == 2, f"ce/1/{stat}")
+            got = wait_for(lambda: _get(tb.url, "/data/plugin/scalars/scalars", run="q/train", tag=f"ce/1/{stat}"),
+                           lambda r: len(r) == 2, f"ce/1/{stat}")
             assert [p[1] for p in got] == [0, 1]
             assert got[0][2] == float(np.float32(t0.quantile(q)[1]))
             assert got[1][2] == float(np.float32(t1.quantile(q)[1]))
         mom = _get(tb.url, "/data/plugin/scalars/scalars", run="q/train", tag=f"ce/{SUMMARY}/median_of_medians")
         assert [p[1] for p in mom] == [0, 1] and mom[1][2] == float(np.float32(np.median(t1.quantile(0.5))))
-        cat = _wait(lambda: next(c for c in _get(tb.url, "/data/plugin/custom_scalars/layout")["category"] if c["title"] == "ce"),
-                    lambda c: True, "the ce layout")
+        cat = wait_for(lambda: next(c for c in _get(tb.url, "/data/plugin/custom_scalars/layout")["category"] if c["title"] == "ce"),
+                       lambda c: True, "the ce layout")
         charts = {c["title"]: c["margin"]["series"] for c in cat["chart"] if "margin" in c}
         assert charts["2: median with p10..p90"] == [{"value": "ce/2/p50", "lower": "ce/2/p10", "upper": "ce/2/p90"}]
     finally:
@@ -259,13 +244,13 @@ def test_tensorboard_ci_tags_and_margin_chart_for_zero_one_labels(tmp_path):
     try:
         for r in (0, 1):
             for stat, want in (("ci_low", lo[r]), ("ci_high", hi[r])):
-                got = _wait(lambda: _get(tb.url, "/data/plugin/scalars/scalars", run="ci/eval", tag=f"acc/{r}/{stat}"),
-                            lambda res: len(res) == 1, f"acc/{r}/{stat}")
+                got = wait_for(lambda: _get(tb.url, "/data/plugin/scalars/scalars", run="ci/eval", tag=f"acc/{r}/{stat}"),
+                               lambda res: len(res) == 1, f"acc/{r}/{stat}")
                 assert got[0][1] == 4 and got[0][2] == float(np.float32(want))
         tags = _get(tb.url, "/data/plugin/scalars/tags")["ci/eval"]
         assert "acc/2/ci_low" not in tags  # not a 0/1 label
-        cat = _wait(lambda: next(c for c in _get(tb.url, "/data/plugin/custom_scalars/layout")["category"] if c["title"] == "acc"),
-                    lambda c: True, "the acc layout")
+        cat = wait_for(lambda: next(c for c in _get(tb.url, "/data/plugin/custom_scalars/layout")["category"] if c["title"] == "acc"),
+                       lambda c: True, "the acc layout")
         charts = {c["title"]: c["margin"]["series"] for c in cat["chart"] if "margin" in c}
         assert charts["1: mean with 95% CI"] == [{"value": "acc/1/mean", "lower": "acc/1/ci_low", "upper": "acc/1/ci_high"}]
         assert "2: mean with 95% CI" not in charts
@@ -312,8 +297,8 @@ def test_tensorboard_histograms_from_the_sketch_buckets(tmp_path):
     tb = servers.tensorboard_server(root, tmp_path / "tb.log")
     try:
         for lab in (0, 1):  # the budgeted labels
-            got = _wait(lambda: _get(tb.url, "/data/plugin/histograms/histograms", run="h/eval", tag=f"ce/{lab}/histogram"),
-                        lambda r: len(r) == 2, f"histogram of label {lab}")
+            got = wait_for(lambda: _get(tb.url, "/data/plugin/histograms/histograms", run="h/eval", tag=f"ce/{lab}/histogram"),
+                           lambda r: len(r) == 2, f"histogram of label {lab}")
             for (_, step, buckets) in got:
                 x = np.sort(v[y == lab] * step)
                 assert [b[1] for b in got] == [1, 2]

@@ -30,6 +30,7 @@ from labeltrack_log.sinks import exit_status
 from labeltrack_log.sinks.files import CSVSink, ImageDirSink
 
 from tables import mode_dir, shown_order  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+from polling import wait_for  # noqa: E402
 
 MODES = ("train", "eval")
 
@@ -224,7 +225,8 @@ def test_two_trackers_log_into_one_mlflow_run_and_reading_creates_no_run(store):
         for step in (1, 2):
             feed(loss, step)
             feed(acc, step, offset=0.5)
-        run_id = loss.sinks[0].run_id
+        shared = loss.sinks[0]
+    run_id = shared.run_id  # after close: inside, it waits only `timeout` for the run
     assert loss.sinks == [] and acc.sinks == [] and loss.run.sinks == []  # read after the block: nothing opens
     (run,) = _runs(client, "two")
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
@@ -241,13 +243,55 @@ def _status_of(uri: str, client, experiment: str, body) -> str:
         with Run(config) as run:
             tracker = Tracker("loss_by_y", run=run, figures=None)
             feed(tracker, 1)
-            holder["run_id"] = run.sinks[0].run_id
+            holder["sink"] = run.sinks[0]
             body()
     finally:
         holder["status"] = run.status
     (got,) = _runs(client, experiment)
-    assert got.info.run_id == holder["run_id"] and holder["status"] == got.info.status
+    assert got.info.run_id == holder["sink"].run_id and holder["status"] == got.info.status
     return got.info.status
+
+
+LEFT_OPEN = """
+import sys
+from labeltrack_log import Tracker
+
+uri, experiment, how = sys.argv[1:4]
+
+
+def hook(exc_type, exc, tb):  # the user's own hook: still called, first
+    print("user hook:", exc_type.__name__, file=sys.stderr, flush=True)
+    sys.__excepthook__(exc_type, exc, tb)
+
+
+sys.excepthook = hook
+tracker = Tracker("loss_by_y", sinks={"type": "mlflow", "tracking_uri": uri, "experiment": experiment}, figures=None)
+tracker.update([0, 1], [0.5, 2.0])
+tracker.end_epoch(step=1)
+if how in ("error", "interactive"):
+    raise RuntimeError("diverged")  # nobody closes the tracker: the exception ends the process
+if how == "ctrl-c":
+    raise KeyboardInterrupt
+# "open": the script ends without closing the tracker and without an exception
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how, status", [("error", "FAILED"), ("ctrl-c", "KILLED"), ("open", "KILLED"),
+                                         ("interactive", "KILLED")])  # python -i: the session went on
+def test_an_uncaught_exception_ends_the_runs_nobody_closed_with_its_status(store, tmp_path, how, status):
+    uri, client = store
+    flags = ["-i"] if how == "interactive" else []  # the prompt then reads the end of stdin and exits
+    out = subprocess.run([sys.executable, *flags, "-c", LEFT_OPEN, uri, f"left-{how}", how], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+                         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert (out.returncode == 0) == (how in ("open", "interactive")), out.stderr[-3000:]
+    if how != "open":
+        assert out.stderr.count("user hook:") == 1 and "Traceback" in out.stderr, out.stderr[-3000:]
+    (run,) = wait_for(lambda: _runs(client, f"left-{how}"), lambda runs: runs and runs[0].info.status != "RUNNING",
+                      "the run to end", 90)  # "open": the orphaned delivery process ends it after the script exited
+    assert run.info.status == status  # an exception: FAILED; Ctrl-C or nobody said: KILLED
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_by_y/train/0/mean")] == [1]
 
 
 @pytest.mark.timeout(300)

@@ -20,6 +20,7 @@ pytest.importorskip("mlflow")
 from labeltrack_log import ConfigError, GroupedStats, StatsTable  # noqa: E402
 from labeltrack_log.naming import SUMMARY, mlflow_key  # noqa: E402
 from labeltrack_log.sinks.mlflow import MLflowSink  # noqa: E402
+from polling import open_run_id  # noqa: E402  (tests/ is on sys.path via conftest)
 
 STATS = ("mean", "std", "min", "max", "count")
 AGGREGATES = ("macro_mean", "worst_mean", "best_mean", "spread", "num_labels", "nonfinite")
@@ -94,7 +95,7 @@ def test_values_and_steps_per_label_and_aggregates(mlflow_server, delivery):
             g.update(labels, values)
             sink.log_stats(g.compute(), step=step, name="ce", mode="eval")
             data[step] = (labels[3:], values[3:], labels[:3])
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close: inside, it waits only `timeout` for the run
     keys = metric_keys(url, run_id)
     assert len(keys) > 1000  # more than one request's worth: the sink chunked it
     for lab in (0, 17, 249):
@@ -128,7 +129,7 @@ def test_keys_for_unicode_and_path_like_labels(mlflow_server):
     table = g.compute()
     with MLflowSink(url, experiment="keys") as sink:
         sink.log_stats(table, step=3, name="loss by y", mode="train")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close: inside, it waits only `timeout` for the run
     keys = metric_keys(url, run_id)
     per_label = {lab: {mlflow_key("loss by y", "train", lab, s) for s in STATS} for lab in labels}
     assert set().union(*per_label.values()) <= keys
@@ -152,7 +153,7 @@ def test_display_names_and_duplicate_display_names(mlflow_server):
     g.update([0, 1, 2], [1.0, 2.0, 3.0])
     with MLflowSink(url, experiment="names", label_names={0: "cat", 1: "cat", 2: "dog/wolf"}) as sink:
         sink.log_stats(g.compute(), step=0, name="ce", mode="train")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close: inside, it waits only `timeout` for the run
     means = {k: v for k, v in ((k, history(url, run_id, k)) for k in metric_keys(url, run_id)) if k.endswith("/mean")
              and SUMMARY not in k}
     assert sorted(v[0][1] for v in means.values()) == [1.0, 2.0, 3.0]  # two "cat"s did not collide
@@ -166,7 +167,7 @@ def test_images_logged_at_steps(mlflow_server):
         for step in (1, 4):
             fig = figure(step)
             sink.log_figure(fig, step=step, name="ce_std_band", mode="eval")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close: inside, it waits only `timeout` for the run
     files = artifacts(url, run_id, "images")
     png = sorted(f for f in files if f.endswith(".png"))
     webp = [f for f in files if f.endswith("+compressed.webp")]
@@ -191,7 +192,7 @@ def test_label_budget_logs_aggregates_and_csv_table(mlflow_server):
     names = {29: "z", 7: "seven"}
     with MLflowSink(url, experiment="budget", label_budget=5, label_names=names) as sink:
         sink.log_stats(table, step=2, name="ce", mode="eval")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close: inside, it waits only `timeout` for the run
     keys = metric_keys(url, run_id)
     labelled = {k.split("/")[2] for k in keys if SUMMARY not in k}
     assert labelled == {"z", "seven", "0", "1", "2"}  # label_names order first, then natural order
@@ -213,7 +214,7 @@ def test_nan_stored_as_nan_and_inf_as_nan(mlflow_server):
                        min=[math.nan, -math.inf], max=[math.nan, math.inf], nonfinite=[4, 0])
     with MLflowSink(url, experiment="nan") as sink:
         sink.log_stats(table, step=0, name="ce", mode="train")
-        run_id = sink.run_id
+    run_id = sink.run_id  # after close: inside, it waits only `timeout` for the run
     assert math.isnan(history(url, run_id, "ce/train/0/mean")[0][1])
     assert history(url, run_id, "ce/train/0/count") == [(0, 0.0)]
     assert history(url, run_id, "ce/train/0/nonfinite") == [(0, 4.0)]
@@ -311,8 +312,9 @@ def test_pickle_drops_the_client_and_logs_to_the_same_run(mlflow_server, deliver
     sink = MLflowSink(url, experiment="pickle", delivery=delivery)
     sink.log_stats(g.compute(), step=0, name="ce", mode="train")
     assert (sink._client is not None) == (delivery == "inline")  # process delivery: no client in this process
+    run_id = open_run_id(sink)  # the copy joins the run; pickling waits only `timeout` for it
     copy = pickle.loads(pickle.dumps(sink))
-    assert copy._client is None and copy.run_id == sink.run_id and copy.delivery == delivery
+    assert copy._client is None and copy.run_id == run_id and copy.delivery == delivery
     g.update([0], [3.0])
     copy.log_stats(g.compute(), step=1, name="ce", mode="train")
     copy.close()

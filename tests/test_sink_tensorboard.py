@@ -18,8 +18,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -41,6 +39,7 @@ from labeltrack_log.figures import figure_to_png  # noqa: E402
 from labeltrack_log.sinks import make_sinks  # noqa: E402
 from labeltrack_log.sinks.tensorboard import LAYOUT_TAG, TensorBoardSink, _FastRecordWriter, masked_crc32c  # noqa: E402
 from tables import mode_dir, shown_order  # noqa: E402
+from polling import wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS = ("mean", "std", "min", "max", "count", "mean-std", "mean+std")
@@ -63,22 +62,6 @@ def get(tb, path: str, raw: bool = False, **params):
     with urllib.request.urlopen(url, timeout=10) as r:
         body = r.read()
     return body if raw else json.loads(body)
-
-
-def wait_for(fetch, ok, what: str, timeout: float = 40.0):
-    """Poll ``fetch()`` until ``ok(result)``; fail with the last answer after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            last = fetch()
-            if ok(last):
-                return last
-        except (urllib.error.HTTPError, KeyError) as err:
-            last = err
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; last answer: {str(last)[:1500]}")
-        time.sleep(0.2)
 
 
 def scalars(tb, run: str, tag: str, steps: list[int]) -> dict[int, object]:
