@@ -398,9 +398,9 @@ class GroupedStats:
             from 1e-4 to 10: ~1,400 cells, 5.6 KB), independent of the number of samples; for
             very many labels only the buckets in use (16 bytes each).
         quantile_scale: the sketch's resolution (6: 0.54%; each step down doubles the error).
-        quantile_max_buckets: the most buckets held over all labels (dense cells of 4 bytes, or
-            sparse buckets of 16 bytes; default 4M, at most 64 MB); beyond it the scale is
-            lowered and a warning logged.
+        quantile_max_buckets: bounds the sketch's memory to 16 bytes x this (default 4M: 64 MB):
+            dense rows beyond it switch to sparse storage of the buckets in use (16 bytes each);
+            only when those exceed it is the scale lowered, with a warning.
 
     Example:
         >>> g = GroupedStats()

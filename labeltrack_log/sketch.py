@@ -12,8 +12,8 @@ every value in it: 0.54% at the default scale 6 (DDSketch's relative-accuracy gu
 Storage has two modes. Dense (the default): a row of int32 counts per label over the label's own
 range of buckets (each row has its own offset; one width for all), so an update is one
 ``np.add.at`` for every label at once and a quantile of every label one pass over the matrix.
-Sparse (when dense rows would exceed ``max_buckets`` cells: very many labels, or labels on very
-different ranges): one sorted int64 key per (slot, bucket) actually used plus its int64 count,
+Sparse (when dense rows would take more than ``16 * max_buckets`` bytes: very many labels, or
+labels on very different ranges): one sorted int64 key per (slot, bucket) actually used plus its int64 count,
 16 bytes a bucket, keys sorted by slot, then value, so a quantile of every label is one ``cumsum``
 and one ``searchsorted``. Only when even the buckets in use exceed ``max_buckets`` is the scale
 lowered (each step merges pairs of adjacent buckets, ``i -> i >> 1``, halving the resolution, as
@@ -108,17 +108,17 @@ class ExpHistograms:
     - 1``, so an update is one ``np.add.at`` over the chunk (no sort). Each row has its own offset
     (labels on different scales cost no extra width); the width is the widest span any label
     needs, plus headroom, in whole blocks of 64. Exact zeros have a count of their own. Memory:
-    ``4 * slots * (pos width + neg width + 1)`` bytes. When that would exceed ``max_buckets``
-    cells the sketch switches to sparse keys and counts (16 bytes a bucket in use, see the module
+    ``4 * slots * (pos width + neg width + 1)`` bytes. When that would exceed the memory bound,
+    16 bytes x ``max_buckets``, the sketch switches to sparse keys and counts (16 bytes a bucket in use, see the module
     docstring); the scale is lowered only when those exceed ``max_buckets`` too.
 
     Args:
         scale: starting resolution, from -10 to 9; 6 (the default) gives 0.54% relative error,
             each step down doubles it.
-        max_buckets: the most dense cells (4 bytes each) or sparse buckets (16 bytes each) held
-            at once over all slots. Dense rows beyond it switch to sparse storage (logged at
-            INFO); sparse buckets beyond it lower the scale (adjacent buckets merged) with a
-            warning.
+        max_buckets: bounds the memory held at once over all slots to 16 bytes x max_buckets:
+            as many sparse buckets (16 bytes each), or four times as many dense cells (4 bytes
+            each). Dense rows beyond it switch to sparse storage (logged at INFO); sparse buckets
+            beyond it lower the scale (adjacent buckets merged) with a warning.
 
     Example:
         >>> import numpy as np
@@ -159,11 +159,23 @@ class ExpHistograms:
 
     @property
     def num_cells(self) -> int:
-        """Number of count cells held for the slots in use (what ``max_buckets`` bounds): the
-        dense rows' cells, or in sparse mode the buckets in use."""
+        """Number of count cells held for the slots in use: the dense rows' cells, or in sparse
+        mode the buckets in use (see :attr:`held_bytes` for what the bound applies to)."""
         if self._keys is not None:
             return len(self._keys)
         return self._n * (self._cnt[1].shape[1] + self._cnt[-1].shape[1] + 1)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the counts of the slots in use take (what ``16 * max_buckets`` bounds)."""
+        if self._keys is not None:
+            return BYTES_PER_BUCKET * len(self._keys)
+        return self.num_cells * self._cnt[1].itemsize
+
+    def _fits(self, rows: int, width: int) -> bool:
+        """Whether dense rows of ``width`` cells (all signs, the zero count included) for ``rows``
+        slots stay within the memory bound."""
+        return rows * width * self._cnt[1].itemsize <= BYTES_PER_BUCKET * self.max_buckets
 
     @property
     def nbytes(self) -> int:
@@ -234,7 +246,7 @@ class ExpHistograms:
         if n <= cap or self._keys is not None:
             return
         new = max(n, 2 * cap, 16)
-        if new * (self._cnt[1].shape[1] + self._cnt[-1].shape[1] + 1) > self.max_buckets:
+        if not self._fits(new, self._cnt[1].shape[1] + self._cnt[-1].shape[1] + 1):
             self._to_sparse()  # more rows would not fit: keep only the buckets in use
             return
         z = np.zeros(new, dtype=np.int64)
@@ -262,7 +274,7 @@ class ExpHistograms:
 
     def _fit(self, sign: int, slots: np.ndarray, idx: np.ndarray) -> bool:
         """Re-layout so every (slot, idx) pair lands inside its row (rare: new ranges only);
-        False (nothing changed) when the rows would need more than ``max_buckets`` cells.
+        False (nothing changed) when the rows would exceed the memory bound (16 x ``max_buckets`` bytes).
 
         Only the rows that receive an index outside their window are looked at: their used
         range is read from their own counts, the width grows (every row padded on both sides,
@@ -297,7 +309,7 @@ class ExpHistograms:
         margin = max(16, span // 4 if width else span // 2)
         if span + margin > width:  # wider rows for everyone: pad both sides, offsets move left
             new_width = -(-max(span + 2 * margin, width + width // 2) // _BLOCK) * _BLOCK  # whole blocks
-            if cnt.shape[0] * (new_width + self._cnt[-sign].shape[1] + 1) > self.max_buckets:
+            if not self._fits(cnt.shape[0], new_width + self._cnt[-sign].shape[1] + 1):
                 return False  # dense rows this wide would not fit: the caller goes sparse
             pad = (new_width - width) // 2
             grown = np.zeros((cnt.shape[0], new_width), dtype=cnt.dtype)
@@ -339,7 +351,7 @@ class ExpHistograms:
                 np.add.at(self._zero, slots[z], 1 if weights is None else weights[z])
             parts = [(s, slots[m], idx[m], None if weights is None else weights[m]) for s in (1, -1) if (m := sign == s).any()]
         for i, (s, sl, ix, w) in enumerate(parts):
-            if not self._absorb_sign(s, sl, ix, w):  # the dense rows would exceed max_buckets
+            if not self._absorb_sign(s, sl, ix, w):  # the dense rows would exceed the memory bound
                 self._to_sparse()
                 for s, sl, ix, w in parts[i:]:
                     self._absorb_sparse(sl, np.full(len(sl), s, dtype=np.int64), ix, w)
@@ -370,8 +382,9 @@ class ExpHistograms:
         self._zero = np.zeros(0, dtype=np.int64)
         self._off = {1: np.zeros(0, dtype=np.int64), -1: np.zeros(0, dtype=np.int64)}
         self._cnt = {1: np.zeros((0, 0), dtype=np.int64), -1: np.zeros((0, 0), dtype=np.int64)}
-        log.info("quantile sketch: dense rows for %d labels would need more than max_buckets=%d cells; switched to "
-                 "sparse storage (the buckets in use only, 16 bytes each; %d so far)", self._n, self.max_buckets, len(self._keys))
+        log.info("quantile sketch: dense rows for %d labels would take more than 16 x max_buckets=%d bytes; switched "
+                 "to sparse storage (the buckets in use only, 16 bytes each; %d so far)", self._n, self.max_buckets,
+                 len(self._keys))
 
     def _absorb_sparse(self, slots: np.ndarray, sign: np.ndarray, idx: np.ndarray, weights: np.ndarray | None) -> None:
         keys, counts = _sum_by_key(_encode(slots, sign, idx), np.ones(len(slots)) if weights is None else weights)
@@ -386,18 +399,19 @@ class ExpHistograms:
             self._counts = np.insert(have_counts, pos[new], counts[new])
 
     def _bound(self) -> None:
-        if self.num_cells <= self.max_buckets:
+        limit = BYTES_PER_BUCKET * self.max_buckets
+        if self.held_bytes <= limit:
             return
         self._to_sparse()  # first keep only the buckets in use: no accuracy lost if they fit
-        if self.num_cells <= self.max_buckets:
+        if self.held_bytes <= limit:
             return
-        old, before = self.scale, self.num_cells
-        while self.num_cells > self.max_buckets and self.scale > MIN_SCALE:
+        old, before = self.scale, self.num_buckets
+        while self.held_bytes > limit and self.scale > MIN_SCALE:
             self.downscale(1)
         log.warning(
-            "quantile sketch: %d count cells for %d labels exceed max_buckets=%d; lowered the scale from %d to %d "
-            "(%d cells now, relative accuracy %.3g%% instead of %.3g%%)",
-            before, self._n, self.max_buckets, old, self.scale, self.num_cells,
+            "quantile sketch: %d buckets in use for %d labels exceed max_buckets=%d; lowered the scale from %d to %d "
+            "(%d buckets now, relative accuracy %.3g%% instead of %.3g%%)",
+            before, self._n, self.max_buckets, old, self.scale, self.num_buckets,
             100 * relative_accuracy(self.scale), 100 * relative_accuracy(old),
         )
 

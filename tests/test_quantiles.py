@@ -198,7 +198,7 @@ def test_memory_bound_lowers_the_scale_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="labeltrack_log.sketch"):
         feed(g, y, v, batch=1000)
         t = g.compute()
-    assert g._sketch.num_cells <= 5_000 and g._sketch.scale < 6
+    assert g._sketch.held_bytes <= 16 * 5_000 and g._sketch.scale < 6
     assert "lowered the scale from" in caplog.text and "relative accuracy" in caplog.text
     assert_accurate(t, y, v, (0.5,), tol=2 * relative_accuracy(g._sketch.scale) + 1e-12)
 
@@ -214,7 +214,7 @@ def test_merge_after_downscale_uses_the_lower_scale():
     scale = coarse._sketch.scale
     fine.merge(coarse)
     assert fine._sketch.scale <= scale  # at most the coarser one's (lower still if the bound needs it)
-    assert fine._sketch.num_cells <= 300
+    assert fine._sketch.held_bytes <= 16 * 300
     assert fine.compute().count.tolist() == [5000, 20]
 
 
@@ -301,7 +301,7 @@ def test_100k_labels_keep_full_accuracy_in_sparse_storage(caplog):
         t = g.compute()
     sk = g._sketch
     assert "switched to sparse storage" in caplog.text and "lowered the scale" not in caplog.text
-    assert sk.scale == 6 and sk.num_cells <= sk.max_buckets
+    assert sk.scale == 6 and sk.held_bytes <= 16 * sk.max_buckets
     assert sk.nbytes <= 16 * len(v)  # the buckets in use, never a row per label
     assert len(t) == len(np.unique(y))
     order = np.argsort(y, kind="stable")
@@ -331,7 +331,7 @@ def test_sparse_storage_holds_the_same_buckets_as_dense_rows(max_buckets):
     if tight.quantile_sketch.scale == 6:
         assert tight.quantile_sketch.state()[1:] and all(np.array_equal(a, b) for a, b in zip(tight.quantile_sketch.state()[1:], dense.quantile_sketch.state()[1:]))
     else:  # even sparse, the buckets in use exceed the bound: lowered, and still within its accuracy
-        assert tight.quantile_sketch.num_cells <= max_buckets
+        assert tight.quantile_sketch.held_bytes <= 16 * max_buckets
     assert_accurate(tight.compute(), y, v, tol=2 * relative_accuracy(tight.quantile_sketch.scale) + 1e-12)
     again = pickle.loads(pickle.dumps(tight))
     assert again._sketch == tight.quantile_sketch
