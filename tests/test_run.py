@@ -238,17 +238,19 @@ def test_two_trackers_log_into_one_mlflow_run_and_reading_creates_no_run(store):
 
 def _status_of(uri: str, client, experiment: str, body) -> str:
     config = {"type": "mlflow", "tracking_uri": uri, "experiment": experiment}
-    holder = {}
+    holder, error = {}, None
     try:
         with Run(config) as run:
             tracker = Tracker("loss_by_y", run=run, figures=None)
             feed(tracker, 1)
             holder["sink"] = run.sinks[0]
             body()
-    finally:
-        holder["status"] = run.status
+    except BaseException as exc:  # checked below like a clean end, then raised again
+        error = exc
     (got,) = _runs(client, experiment)
-    assert got.info.run_id == holder["sink"].run_id and holder["status"] == got.info.status
+    assert got.info.run_id == holder["sink"].run_id and run.status == got.info.status
+    if error is not None:
+        raise error
     return got.info.status
 
 
