@@ -61,9 +61,9 @@ _BLOCK = 64  # columns per block in the two-level quantile search; row widths ar
 
 
 def relative_accuracy(scale: int) -> float:
-    """The worst relative error of an estimate at ``scale``: ``(base - 1) / (base + 1)``."""
-    base = 2.0 ** (2.0**-scale)
-    return (base - 1.0) / (base + 1.0)
+    """The worst relative error of an estimate at ``scale``: ``(base - 1) / (base + 1)``, computed
+    as ``tanh(ln(base) / 2)`` (the same value; ``base`` itself overflows at the lowest scale)."""
+    return math.tanh(math.log(2.0) * 2.0**-scale / 2.0)
 
 
 class DenseBuckets(NamedTuple):
@@ -96,8 +96,13 @@ def _encode(slot: np.ndarray, sign: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    uniq, inv = np.unique(keys, return_inverse=True)
-    return uniq, np.bincount(inv.reshape(-1), weights=counts, minlength=len(uniq)).astype(np.int64)
+    """The distinct keys, sorted, and the int64 sum of the counts of each (exact at any size)."""
+    order = np.argsort(keys, kind="stable")
+    keys, counts = keys[order], np.asarray(counts, dtype=np.int64)[order]
+    if not len(keys):
+        return keys, counts
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    return keys[starts], np.add.reduceat(counts, starts)
 
 
 class ExpHistograms:
@@ -245,10 +250,13 @@ class ExpHistograms:
             self._n = n
         if n <= cap or self._keys is not None:
             return
+        width = self._cnt[1].shape[1] + self._cnt[-1].shape[1] + 1
         new = max(n, 2 * cap, 16)
-        if not self._fits(new, self._cnt[1].shape[1] + self._cnt[-1].shape[1] + 1):
-            self._to_sparse()  # more rows would not fit: keep only the buckets in use
-            return
+        if not self._fits(new, width):
+            if not self._fits(n, width):
+                self._to_sparse()  # these rows would not fit: keep only the buckets in use
+                return
+            new = n  # no spare capacity rather than sparse storage
         z = np.zeros(new, dtype=np.int64)
         z[:cap] = self._zero
         self._zero = z
@@ -309,8 +317,11 @@ class ExpHistograms:
         margin = max(16, span // 4 if width else span // 2)
         if span + margin > width:  # wider rows for everyone: pad both sides, offsets move left
             new_width = -(-max(span + 2 * margin, width + width // 2) // _BLOCK) * _BLOCK  # whole blocks
-            if not self._fits(cnt.shape[0], new_width + self._cnt[-sign].shape[1] + 1):
-                return False  # dense rows this wide would not fit: the caller goes sparse
+            other = self._cnt[-sign].shape[1] + 1
+            if not self._fits(cnt.shape[0], new_width + other):
+                new_width = -(-(span + 32) // _BLOCK) * _BLOCK  # the least headroom rather than sparse
+                if new_width <= width or not self._fits(cnt.shape[0], new_width + other):
+                    return False  # dense rows this wide would not fit: the caller goes sparse
             pad = (new_width - width) // 2
             grown = np.zeros((cnt.shape[0], new_width), dtype=cnt.dtype)
             grown[:, pad : pad + width] = cnt
@@ -333,6 +344,10 @@ class ExpHistograms:
 
     def _absorb(self, slots: np.ndarray, sign: np.ndarray | None, idx: np.ndarray, weights: np.ndarray | None) -> None:
         """Add (weighted) counts at (slot, sign, bucket index) triples at the current scale."""
+        if weights is not None and not weights.all():  # a zero count is no bucket (dense or sparse)
+            keep = weights != 0
+            slots, idx, weights = slots[keep], idx[keep], weights[keep]
+            sign = None if sign is None else sign[keep]
         if not len(slots):
             return
         self._added += len(slots) if weights is None else int(weights.sum())

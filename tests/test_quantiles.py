@@ -338,3 +338,39 @@ def test_sparse_storage_holds_the_same_buckets_as_dense_rows(max_buckets):
     both = feed(GroupedStats(quantiles=LEVELS, quantile_max_buckets=max_buckets), y[:1000], v[:1000])
     rest = feed(GroupedStats(quantiles=LEVELS, quantile_max_buckets=max_buckets), y[1000:], v[1000:])
     assert_accurate(both.merge(rest).compute(), y, v, tol=2 * relative_accuracy(both.quantile_sketch.scale) + 1e-12)
+
+
+def test_dense_rows_that_fit_stay_dense_whatever_order_labels_arrive_in():
+    # Labels 512..599 after 0..511: the doubled row capacity (1,024 rows) would not fit the bound,
+    # 600 rows do; going sparse there (4x the bytes per bucket) lowered the scale for nothing.
+    rng = np.random.default_rng(13)
+    h = ExpHistograms(6, 25_000)  # 400,000 bytes
+    h.add(np.repeat(np.arange(512), 200), rng.uniform(1, 2, 512 * 200))
+    h.add(np.repeat(np.arange(512, 600), 200), rng.uniform(1, 2, 88 * 200))
+    at_once = ExpHistograms(6, 25_000)
+    at_once.add(np.repeat(np.arange(600), 200), rng.uniform(1, 2, 600 * 200))
+    assert h.scale == at_once.scale == 6 and h._keys is None and at_once._keys is None
+
+
+def test_the_lowest_scale_is_reported_not_an_overflow(caplog):
+    assert relative_accuracy(6) == pytest.approx((2 ** (1 / 64) - 1) / (2 ** (1 / 64) + 1), rel=1e-12)
+    assert relative_accuracy(-10) == 1.0  # (base - 1) / (base + 1) with base = 2**1024: no OverflowError
+    h = ExpHistograms(6, 2)
+    with caplog.at_level(logging.WARNING, logger="labeltrack_log.sketch"):
+        h.add(np.arange(3), np.array([1.0, 2.0, 3.0]))  # 3 buckets > 2 at any scale: down to the floor
+    assert h.scale == -10 and "lowered the scale from 6 to -10" in caplog.text
+    assert h.num_buckets == 3
+
+
+def test_zero_counts_are_no_buckets_in_either_storage():
+    # A zero count handed in (from_state, merge) makes no bucket, dense or sparse, so equal
+    # contents compare equal and no empty bucket shows in the histograms.
+    dense = ExpHistograms(6)
+    dense.add(np.array([0, 1]), np.array([1.0, 2.0]))
+    scale, keys, counts = dense.state()
+    want = ExpHistograms(6).from_state(scale, keys[1:], counts[1:])
+    assert dense.from_state(scale, keys, np.array([0, counts[1]])) == want
+    sparse = ExpHistograms(6)
+    sparse._to_sparse()
+    sparse._absorb(np.array([0, 1]), np.array([1, 1]), np.array([0, 63]), np.array([0, 5]))
+    assert sparse.num_buckets == 1 and sparse.buckets(0)[2].tolist() == []
