@@ -95,6 +95,19 @@ def _encode(slot: np.ndarray, sign: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return (slot << _SHIFT) | (o + _BIAS)
 
 
+def _row_ranges(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest bucket index in use of each dense row (``_EMPTY_LO``/``_EMPTY_HI`` for an
+    empty one, so a min/max with real indices replaces them)."""
+    n, width = counts.shape
+    lo, hi = np.full(n, _EMPTY_LO, dtype=np.int64), np.full(n, _EMPTY_HI, dtype=np.int64)
+    if width:
+        nz = counts > 0
+        used = nz.any(axis=1)
+        lo[used] = (offsets + np.argmax(nz, axis=1))[used]
+        hi[used] = (offsets + width - 1 - np.argmax(nz[:, ::-1], axis=1))[used]
+    return lo, hi
+
+
 def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct keys, sorted, and the int64 sum of the counts of each (exact at any size)."""
     order = np.argsort(keys, kind="stable")
@@ -270,15 +283,7 @@ class ExpHistograms:
 
     def _used(self, sign: int) -> tuple[np.ndarray, np.ndarray]:
         """Lowest and highest bucket index in use per slot (_EMPTY_LO/_EMPTY_HI for none)."""
-        cnt, off = self._cnt[sign], self._off[sign]
-        width = cnt.shape[1]
-        nz = cnt > 0
-        any_ = nz.any(axis=1) if width else np.zeros(len(cnt), dtype=bool)
-        if not width:
-            return np.full(len(cnt), _EMPTY_LO, dtype=np.int64), np.full(len(cnt), _EMPTY_HI, dtype=np.int64)
-        lo = np.where(any_, off + np.argmax(nz, axis=1), _EMPTY_LO)
-        hi = np.where(any_, off + width - 1 - np.argmax(nz[:, ::-1], axis=1), _EMPTY_HI)
-        return lo.astype(np.int64), hi.astype(np.int64)
+        return _row_ranges(self._cnt[sign], self._off[sign])
 
     def _fit(self, sign: int, slots: np.ndarray, idx: np.ndarray) -> bool:
         """Re-layout so every (slot, idx) pair lands inside its row (rare: new ranges only);
@@ -299,18 +304,11 @@ class ExpHistograms:
         inv = where[slots]
         mine = inv >= 0  # every entry of an affected row, inside its window or not
         inv, ix = inv[mine], idx[mine]
-        lo = np.full(len(rows), _EMPTY_LO, dtype=np.int64)
-        hi = np.full(len(rows), _EMPTY_HI, dtype=np.int64)
+        sub = cnt[rows]  # (affected rows, width): a copy
+        lo, hi = _row_ranges(sub, off[rows])  # the ranges in use (empty rows: the sentinels)
+        had = hi >= lo
         np.minimum.at(lo, inv, ix)
         np.maximum.at(hi, inv, ix)
-        sub = cnt[rows]  # (affected rows, width): a copy
-        nz = sub > 0
-        had = nz.any(axis=1) if width else np.zeros(len(rows), dtype=bool)
-        if had.any():
-            first = off[rows] + np.argmax(nz, axis=1)
-            last = off[rows] + width - 1 - np.argmax(nz[:, ::-1], axis=1)
-            lo = np.where(had, np.minimum(lo, first), lo)
-            hi = np.where(had, np.maximum(hi, last), hi)
         span = int((hi - lo).max()) + 1
         # headroom, so a growing range re-lays out rarely; the first layout sees few values per
         # label (a label's range keeps widening as its tails fill in), so it gets twice its span
@@ -402,7 +400,7 @@ class ExpHistograms:
                  len(self._keys))
 
     def _absorb_sparse(self, slots: np.ndarray, sign: np.ndarray, idx: np.ndarray, weights: np.ndarray | None) -> None:
-        keys, counts = _sum_by_key(_encode(slots, sign, idx), np.ones(len(slots)) if weights is None else weights)
+        keys, counts = _sum_by_key(_encode(slots, sign, idx), np.ones(len(slots), dtype=np.int64) if weights is None else weights)
         have, have_counts = self._keys, self._counts
         pos = np.searchsorted(have, keys)
         found = pos < len(have)
@@ -568,7 +566,7 @@ class ExpHistograms:
             out[:n] = self._quantiles_sparse(np.asarray(levels, dtype=np.float64), n)
             return out
         neg, pos = self._cnt[-1][:n], self._cnt[1][:n]
-        wn, wp = neg.shape[1], pos.shape[1]
+        wn = neg.shape[1]
         # Columns in increasing value order: negatives from the largest |v| down, zero, positives.
         # Without negatives (losses) the zero column is a prefix count, so pos is not copied.
         if wn:
@@ -660,15 +658,11 @@ class ExpHistograms:
         order. A positive bucket i covers ``(base**i, base**(i+1)]``, a negative one
         ``[-base**(i+1), -base**i)``, the zero bucket ``[0, 0]``.
         """
-        scale, keys, counts = self.state()
+        _, keys, counts = self.state()
         lo = np.searchsorted(keys, slot << _SHIFT, side="left")
         hi = np.searchsorted(keys, (slot + 1) << _SHIFT, side="left")
         _, sign, idx = _decode(keys[lo:hi])
-        step = 2.0**-scale
-        with np.errstate(over="ignore", under="ignore"):
-            a, b = np.exp2(idx * step), np.exp2((idx + 1) * step)
-        lower = np.where(sign > 0, a, np.where(sign < 0, -b, 0.0))
-        upper = np.where(sign > 0, b, np.where(sign < 0, -a, 0.0))
+        lower, upper = self.edges(sign, idx)
         return lower, upper, counts[lo:hi].copy()
 
 
