@@ -316,14 +316,15 @@ class ExpHistograms:
         if span + margin > width:  # wider rows for everyone: pad both sides, offsets move left
             new_width = -(-max(span + 2 * margin, width + width // 2) // _BLOCK) * _BLOCK  # whole blocks
             other = self._cnt[-sign].shape[1] + 1
-            if not self._fits(cnt.shape[0], new_width + other):
-                new_width = -(-(span + 32) // _BLOCK) * _BLOCK  # the least headroom rather than sparse
-                if new_width <= width or not self._fits(cnt.shape[0], new_width + other):
+            if not self._fits(cnt.shape[0], new_width + other):  # less headroom rather than sparse
+                new_width = width if span <= width else -(-(span + 32) // _BLOCK) * _BLOCK
+                if new_width > width and not self._fits(cnt.shape[0], new_width + other):
                     return False  # dense rows this wide would not fit: the caller goes sparse
-            pad = (new_width - width) // 2
-            grown = np.zeros((cnt.shape[0], new_width), dtype=cnt.dtype)
-            grown[:, pad : pad + width] = cnt
-            cnt, off, width = grown, off - pad, new_width
+            if new_width > width:
+                pad = (new_width - width) // 2
+                grown = np.zeros((cnt.shape[0], new_width), dtype=cnt.dtype)
+                grown[:, pad : pad + width] = cnt
+                cnt, off, width = grown, off - pad, new_width
         bad = (lo < off[rows]) | (hi >= off[rows] + width)
         if bad.any():
             brows = rows[bad]

@@ -374,3 +374,16 @@ def test_zero_counts_are_no_buckets_in_either_storage():
     sparse._to_sparse()
     sparse._absorb(np.array([0, 1]), np.array([1, 1]), np.array([0, 63]), np.array([0, 5]))
     assert sparse.num_buckets == 1 and sparse.buckets(0)[2].tolist() == []
+
+
+def test_a_row_that_fits_its_width_is_re_centred_not_sent_sparse():
+    # 100 labels in [1, 2) lay out rows of 128 cells (51,600 bytes of a 64,000-byte bound); then
+    # label 0 widens to [1, 2**1.7): 110 buckets still fit 128, only not with the usual headroom.
+    # Re-centring that one row keeps the sketch dense at scale 6; going sparse (16 bytes each
+    # for its ~5,000 buckets) would have lowered the scale.
+    rng = np.random.default_rng(14)
+    h = ExpHistograms(6, 4_000)
+    h.add(np.repeat(np.arange(100), 100), rng.uniform(1.0, 2.0, 100 * 100))
+    assert h._keys is None and h._cnt[1].shape[1] == 128
+    h.add(np.zeros(200, dtype=np.int64), 2.0 ** rng.uniform(0.0, 1.7, 200))
+    assert h._keys is None and h.scale == 6 and h.num_buckets > 4_000  # x 16 bytes > 64,000
