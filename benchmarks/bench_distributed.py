@@ -5,7 +5,8 @@ and 100,000 labels, 1,000,000 samples per epoch split evenly over the ranks. Eac
 every label. Two ways to get the per-label statistics of the whole epoch:
 
 * ``synced``: ``GroupedStats.synced()`` on every rank (labels and O(labels) state: at 1,000
-  labels one all_gather of a fixed 128 KiB buffer; at 100,000 the labels, then all_reduces);
+  labels one exchange of a fixed 128 KiB buffer (gloo: all_to_all_single); at 100,000 the
+  labels, then all_reduces);
 * ``naive``: what users write without this library: ``all_gather_object`` of every sample's
   (label, value) arrays (numpy, pickled compactly; not Python lists), then grouping on rank 0
   (with ``GroupedStats``, so the difference is the transfer, not a slow grouping).

@@ -6,7 +6,8 @@ ranks' samples, identical on every rank. It sends O(labels) data, never the samp
 every collective is a round trip through every process (milliseconds when processes share
 cores), so it uses as few as it can, and no ``all_gather_object`` (two collectives and pickling):
 
-1. **One fixed-size all_gather** (``_EAGER_BYTES`` per rank) of a packed buffer: a header (payload
+1. **One fixed-size exchange** (``_EAGER_BYTES`` per rank; with gloo a direct exchange,
+   ``all_to_all_single``, one step instead of the ring all_gather's world - 1) of a packed buffer: a header (payload
    length, label kind, label count, block lengths, a checksum of the quantile settings) and,
    when it fits, the payload itself: the labels (int64, or a pickled list of strings), the
    per-label state (count, mean, M2, M2's power-of-two scale, non-finite count, min, max, the
@@ -28,7 +29,7 @@ cores), so it uses as few as it can, and no ``all_gather_object`` (two collectiv
 M2 = SUM(M2_r + count_r * (mean_r - mean)^2)), with per-label powers of two where values near the
 float limits (1e300) would overflow a sum or a square. Either way the result equals one process
 over all samples to floating-point rounding and is the same on every rank.
-:func:`gather_objects` (the Tracker's agreement on modes and step) is one fixed-size all_gather too.
+:func:`gather_objects` (the Tracker's agreement on modes and step) is one fixed-size exchange too.
 
 With the NCCL backend the tensors go to the current CUDA device (NCCL only reduces CUDA
 tensors); gloo and the others reduce CPU tensors.
@@ -58,10 +59,20 @@ logger = logging.getLogger(__name__)
 # Up to this many bytes of all ranks' labels + state together, they travel in one all_gather and
 # are folded on every rank; above it, the labels are gathered and the state is all_reduced.
 _GATHER_MAX_BYTES = 64 << 20
-# Fixed size of the first all_gather's buffer per rank: a payload (labels + state, 72 bytes a
+# Fixed size of the first exchange's buffer per rank: a payload (labels + state, 72 bytes a
 # label, plus the sketch buckets with quantiles) that fits travels in it, so up to ~1,800 labels
 # a sync is one collective.
 _EAGER_BYTES = 128 << 10
+# The fixed-size buffers travel by direct exchange (``all_to_all_single``: every rank sends its
+# buffer to every other rank in one step) on these backends and up to this many ranks, else by
+# ``all_gather`` (gloo's is a ring: world - 1 steps, each waiting on a neighbour's previous step).
+# Both move the same bytes ((world - 1) x size in and out of each rank); for buffers this small the
+# steps are the cost: with 4 gloo processes on 2 cores a 1 KiB all_gather takes ~3.5 ms, a direct
+# exchange ~2 ms (1-128 KiB alike). Past a few dozen ranks, world - 1 concurrent connections per
+# rank are the risk and the ring is the well-trodden path. NCCL keeps its all_gather (optimised
+# for its links, and the direct exchange was never measured there).
+_DIRECT_BACKENDS = ("gloo",)
+_DIRECT_MAX_WORLD = 32
 # Fixed size of gather_objects' buffer per rank (the Tracker's modes and step): a pickle that fits
 # travels in one collective.
 _SMALL_BYTES = 4 << 10
@@ -153,7 +164,8 @@ def _device(dist: Any, group: Any) -> Any:
 
 def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.ndarray, size: int, group: Any,
                   device: Any) -> tuple[list[list[int]], list[memoryview] | None]:
-    """One ``all_gather`` of a fixed ``size``-byte buffer per rank: the int64 ``header`` (its first
+    """One collective of a fixed ``size``-byte buffer per rank (a direct exchange or an
+    ``all_gather``, see ``_DIRECT_BACKENDS``): the int64 ``header`` (its first
     entry: the payload's length) and the payload itself when it fits. Returns every rank's header
     and, when every rank's payload fitted, every rank's buffer after the header (else None).
     With gloo each collective costs a round trip of every process (milliseconds when processes
@@ -162,12 +174,17 @@ def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.
     head = np.array(header, dtype=np.int64).view(np.uint8)
     # The buffers are kept for the next call (fresh ones of this size cost page faults each time);
     # every use of the gathered bytes ends within the caller's call (copies or new objects).
-    key = (size, world, str(device))
+    direct = 1 < world <= _DIRECT_MAX_WORLD and dist.get_backend(group) in _DIRECT_BACKENDS
+    key = (size, world, str(device), direct, id(group))  # per group: collectives on two groups may overlap
     cached = _BUFFERS.get(key)
     if cached is None:
-        cached = _BUFFERS[key] = (torch.zeros(size, dtype=torch.uint8), torch.empty((world, size), dtype=torch.uint8, device=device))
-    send, gathered = cached
-    buf = send.numpy()
+        if len(_BUFFERS) >= _BUFFERS_KEPT:  # groups come and go (new_group per phase): keep the newest few
+            del _BUFFERS[next(iter(_BUFFERS))]
+        cached = _BUFFERS[key] = [torch.zeros((world if direct else 1, size), dtype=torch.uint8),
+                                  torch.empty((world, size), dtype=torch.uint8, device=device), 0]
+    send, gathered, used = cached  # used: the bytes of the send rows that may be non-zero
+    rows = send.numpy()
+    buf = rows[0]
     buf[: len(head)] = head
     body = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, (bytes, bytearray)) else payload
     end = len(head) + len(body)
@@ -175,8 +192,13 @@ def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.
         buf[len(head) : end] = body
     else:
         end = len(head)
-    buf[end:] = 0  # deterministic padding
-    dist.all_gather(list(gathered.unbind(0)), send.to(device), group=group)
+    buf[end:used] = 0  # deterministic padding (beyond `used` it is zero already)
+    cached[2] = end
+    if len(rows) > 1:  # direct exchange: the same buffer to every rank, in one step
+        rows[1:, : max(end, used)] = buf[: max(end, used)]  # every row equals the first again
+        dist.all_to_all_single(gathered.view(-1), send.view(-1).to(device), group=group)
+    else:
+        dist.all_gather(list(gathered.unbind(0)), send[0].to(device), group=group)
     host = gathered.cpu().numpy()
     heads = host[:, : len(head)].copy().view(np.int64).tolist()
     if max(h[0] for h in heads) > size - len(head):
@@ -200,7 +222,8 @@ def _gather_known(dist: Any, torch: Any, payload: bytes | np.ndarray, longest: i
 
 
 _KINDS = (None, "int", "bool", "str")
-_BUFFERS: dict[tuple[int, int, str], Any] = {}  # (size, world, device) -> _gather_fixed's send and receive buffers
+_BUFFERS_KEPT = 8
+_BUFFERS: dict[tuple[int, int, str, bool, int], Any] = {}  # (size, world, device, direct, group id) -> _gather_fixed's buffers
 
 
 def _encode_labels(kind: str | None, labels: Any) -> np.ndarray:
@@ -220,46 +243,77 @@ def _decode_labels(kind: str | None, raw: memoryview, k: int) -> Any:
     return np.frombuffer(raw, dtype=np.int64, count=k)
 
 
-def _vocabulary(kinds: list[str | None], labels: list[Any]) -> tuple[str | None, np.ndarray, list[np.ndarray]]:
+def _vocabulary(kinds: list[str | None], labels: list[Any]) -> tuple[str | None, np.ndarray, list[np.ndarray], np.ndarray | None]:
     """The common label kind, the sorted union of every rank's labels (ints numerically, strings
-    lexicographically; the same on every rank) and each rank's positions in it."""
+    lexicographically; the same on every rank), each rank's positions in it, and — when every
+    rank has the same int labels in the same slot order (the usual case) — the slot order that
+    sorts them (``vocab == labels[order]``; None otherwise)."""
     present = sorted({kind for kind in kinds if kind is not None})
     if len(present) > 1:
         by_rank = {rank: kind for rank, kind in enumerate(kinds) if kind is not None}
         raise InputTypeError(f"synced: expected the same kind of labels on every rank, got {by_rank} (rank: kind)")
     if not present:
-        return None, np.zeros(0, dtype=np.int64), [np.zeros(0, dtype=np.int64) for _ in kinds]
+        return None, np.zeros(0, dtype=np.int64), [np.zeros(0, dtype=np.int64) for _ in kinds], None
     kind = present[0]
     seen = [lab for k, lab in zip(kinds, labels) if k is not None]
     if kind == "str":
         vocab = np.array(sorted(set().union(*seen)), dtype=object)
         where = {lab: i for i, lab in enumerate(vocab.tolist())}
         return kind, vocab, [np.fromiter((where[lab] for lab in part), dtype=np.int64, count=len(part))
-                             if k is not None else np.zeros(0, dtype=np.int64) for k, part in zip(kinds, labels)]
-    if all(len(part) == len(seen[0]) and np.array_equal(part, seen[0]) for part in seen) and len(seen) == len(kinds):
-        vocab, inverse = np.unique(seen[0], return_inverse=True)  # the usual case: the same labels everywhere
-        return kind, vocab, [inverse.reshape(-1)] * len(kinds)
+                             if k is not None else np.zeros(0, dtype=np.int64) for k, part in zip(kinds, labels)], None
+    if len(seen) == len(kinds) and all(np.array_equal(part, seen[0]) for part in seen[1:]):
+        # the usual case: the same labels everywhere (a rank's labels are distinct: one argsort)
+        order = np.argsort(seen[0], kind="stable")
+        inverse = np.empty(len(order), dtype=np.int64)
+        inverse[order] = np.arange(len(order))
+        return kind, seen[0][order], [inverse] * len(kinds), order
     vocab = np.unique(np.concatenate(seen))
     return kind, vocab, [np.searchsorted(vocab, part) if k is not None else np.zeros(0, dtype=np.int64)
-                         for k, part in zip(kinds, labels)]
+                         for k, part in zip(kinds, labels)], None
 
 
 def _set_vocabulary(stats: "GroupedStats", kind: str, vocab: np.ndarray) -> None:
     """Give the empty ``stats`` the slots 0..n-1 for the sorted distinct labels ``vocab``, as
-    ``GroupedStats._slots_for`` would, vectorised (its per-label loop costs ~0.3 s at 100,000 labels)."""
+    ``GroupedStats._slots_for`` would, vectorised (its per-label loop costs ~0.3 s at 100,000 labels).
+    The per-label state arrays are the caller's to set (:func:`_set_state`)."""
     from .grouping import _DENSE_MAX
 
-    labels = vocab.tolist()
+    key = vocab.tobytes() if kind != "str" and len(vocab) <= _VOCABULARY_CACHE_MAX else None
+    last = _LAST_VOCABULARY[0]
+    if key is not None and last is not None and last[0] == kind and last[1] == key:
+        labels, index, lut = last[2]
+    else:
+        labels = vocab.tolist()
+        index = dict(zip(labels, range(len(labels))))
+        lut = None
+        if kind != "str":
+            small = np.flatnonzero((vocab >= 0) & (vocab < _DENSE_MAX))
+            if len(small):
+                lut = np.full(min(_DENSE_MAX, max(int(vocab[small[-1]]) + 1, 64)), -1, dtype=np.int64)
+                lut[vocab[small]] = small
+        if key is not None:
+            _LAST_VOCABULARY[0] = (kind, key, (labels, index, lut))
     stats._kind = kind
-    stats._labels = labels
-    stats._index = dict(zip(labels, range(len(labels))))
-    if kind != "str":
-        small = np.flatnonzero((vocab >= 0) & (vocab < _DENSE_MAX))
-        if len(small):
-            lut = np.full(min(_DENSE_MAX, max(int(vocab[small[-1]]) + 1, 64)), -1, dtype=np.int64)
-            lut[vocab[small]] = small
-            stats._lut = lut
-    stats._grow(len(labels))
+    stats._labels = list(labels)  # copies: the accumulator may grow them, the cache must not change
+    stats._index = index.copy()
+    if lut is not None:
+        stats._lut = lut.copy()
+
+
+# The latest sync's vocabulary (kind, its bytes, (labels, index, lut)): epochs of one run usually
+# repeat it, and building the index dict is a sizeable part of a small sync. Up to this many labels.
+_VOCABULARY_CACHE_MAX = 1 << 14
+_LAST_VOCABULARY: list[Any] = [None]
+
+
+def _set_state(stats: "GroupedStats", merged: dict[str, np.ndarray]) -> None:
+    """Give ``stats`` (its vocabulary set) the merged per-label state: arrays of its own, exactly
+    as long as the vocabulary (a later update grows them as usual)."""
+    stats._count = merged["_count"].astype(np.int64)  # exact: float64 holds integers up to 2**53
+    stats._nonfinite = merged["_nonfinite"].astype(np.int64)
+    stats._inner = merged["_inner"] > 0
+    for name in ("_mean", "_m2", "_scale", "_min", "_max"):
+        setattr(stats, name, np.array(merged[name], dtype=np.float64))  # a copy: not a view of a reduce buffer
 
 
 # The per-label state every rank contributes, one float64 row each, and its value for a label the
@@ -343,7 +397,9 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
     # This rank's payload: labels | state (a float64 row per _STATE entry) | sketch buckets (its
     # scale and count, then keys and counts: sparse, O(labels x buckets used), never the samples).
     label_bytes = _encode_labels(kind, labels)
-    state = np.stack([getattr(stats, name)[:k].astype(np.float64) for name, _ in _STATE]) if k else np.zeros((len(_STATE), 0))
+    state = np.empty((len(_STATE), k))
+    for row, (name, _) in zip(state, _STATE):
+        row[:] = getattr(stats, name)[:k]
     if stats._sketch is not None and k:
         sk_scale, keys, counts = stats._sketch.state()
         sketch = np.concatenate([np.array([sk_scale, len(keys)], dtype=np.int64), keys.astype(np.int64),
@@ -380,7 +436,7 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
         longest = max(h[0] for h in heads)
         bufs = _gather_known(dist, torch, payload, longest, group, device)
         sent += longest
-    kind, vocab, positions = _vocabulary(kinds, [_decode_labels(kd, block(b, h, 0), kk)
+    kind, vocab, positions, order = _vocabulary(kinds, [_decode_labels(kd, block(b, h, 0), kk)
                                                  for kd, b, h, kk in zip(kinds, bufs, heads, ks)])
     n = len(vocab)
     result = fresh()
@@ -414,22 +470,20 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
             bufs = sketches
     else:
         # Few labels (the usual case): every rank folds every rank's state, identically.
-        every = np.empty((len(_STATE), world, n))
-        for i, (_, fill) in enumerate(_STATE):
-            every[i] = fill
-        for r, (b, h, kk) in enumerate(zip(bufs, heads, ks)):
-            if kk:
-                rows = np.frombuffer(block(b, h, 1), dtype=np.float64).reshape(len(_STATE), kk)
-                if kk == n and (positions[r] == np.arange(n)).all():  # this rank's slots are the vocabulary's order
-                    every[:, r] = rows
-                else:
-                    every[:, r, positions[r]] = rows
-        merged = _merge_state(list(every), lambda arrays, op: (np.sum if op == "sum" else np.min)(np.stack(arrays), axis=1))
-    result._count[:n] = merged["_count"].astype(np.int64)  # exact: float64 holds integers up to 2**53
-    result._nonfinite[:n] = merged["_nonfinite"].astype(np.int64)
-    result._inner[:n] = merged["_inner"] > 0
-    for name in ("_mean", "_m2", "_scale", "_min", "_max"):
-        getattr(result, name)[:n] = merged[name]
+        if order is not None:  # the same labels everywhere: one stack, sorted by one permutation
+            every = np.stack([np.frombuffer(block(b, h, 1), dtype=np.float64).reshape(len(_STATE), n)
+                              for b, h in zip(bufs, heads)], axis=1)
+            if (np.diff(order) != 1).any():
+                every = every[:, :, order]
+        else:
+            every = np.empty((len(_STATE), world, n))
+            for i, (_, fill) in enumerate(_STATE):
+                every[i] = fill
+            for r, (b, h, kk) in enumerate(zip(bufs, heads, ks)):
+                if kk:
+                    every[:, r, positions[r]] = np.frombuffer(block(b, h, 1), dtype=np.float64).reshape(len(_STATE), kk)
+        merged = _merge_state(list(every), lambda arrays, op: (np.add if op == "sum" else np.minimum).reduce(np.stack(arrays), axis=1))
+    _set_state(result, merged)
     if stats.quantile_levels:
         # every rank's buckets added in rank order, so every rank gets the same sketch
         for b, h, kk, pos in zip(bufs, heads, ks, positions):

@@ -54,6 +54,10 @@ def stats_scenarios(world: int) -> dict[str, list[Batches]]:
         (many[g.integers(0, len(many), 5_000)], g.normal(0, 1, 5_000))])
     out["nan_on_one_rank"] = ranks(lambda r, g: [
         (np.array([0, 1, 2, 2, 2, 3]), np.array([1.0, 2.0, np.nan, np.inf, 3.0, np.nan]) if r == 0 else g.normal(0, 1, 6))])
+    # The same int labels on every rank, first seen in the same unsorted order (one argsort sorts
+    # every rank's state) and in a different order per rank.
+    out["same_labels_unsorted"] = ranks(lambda r, g: [(np.tile([7, -3, 9, 1, 4], 6), g.normal(r, 1 + r, 30))])
+    out["same_labels_other_order"] = ranks(lambda r, g: [(np.roll(np.tile([7, -3, 9, 1, 4], 6), r), g.normal(r, 1, 30))])
     out["large_offset"] = ranks(lambda r, g: [(g.integers(0, 3, 200), 1e8 + g.normal(0, 1, 200))])
     out["nobody_saw_anything"] = ranks(lambda r, g: [])
     # Values near the float limits (issue 11's per-label power-of-two scale): +1e300 on even ranks and
@@ -143,26 +147,28 @@ def _run_on_every_rank(rank: int, workdirs: Path, epochs: list) -> dict[str, Any
     return got
 
 
-def _count_collectives(rank: int) -> dict[str, int]:
+def _count_collectives(rank: int) -> dict[str, Any]:
     """How many collectives a sync costs (each is a round trip of every process with gloo): the
-    real torch.distributed functions, wrapped to count their calls."""
+    real torch.distributed functions, wrapped to count their calls (and name them)."""
     import torch.distributed as dist
 
     from labeltrack_log import GroupedStats, Tracker
 
-    calls = {"n": 0}
-    real = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast")}
+    calls: dict[str, Any] = {"n": 0, "names": []}
+    real = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast",
+                                                  "all_to_all_single", "all_to_all", "all_gather_into_tensor")}
 
-    def counting(fn):
+    def counting(name, fn):
         def wrapper(*args, **kwargs):
             calls["n"] += 1
+            calls["names"].append(name)
             return fn(*args, **kwargs)
         return wrapper
 
     def count(fn) -> int:
-        calls["n"] = 0
+        calls["n"], calls["names"] = 0, []
         for name, fn_real in real.items():
-            setattr(dist, name, counting(fn_real))
+            setattr(dist, name, counting(name, fn_real))
         try:
             fn()
         finally:
@@ -177,8 +183,9 @@ def _count_collectives(rank: int) -> dict[str, int]:
     tracker = Tracker("t", sync="auto", figures=None)
     for mode in ("train", "eval"):
         tracker.update([0, 1], [1.0, 2.0], mode=mode)
-    out = {"plain_1000_labels": count(g.synced), "quantiles_50_labels": count(q.synced),
-           "tracker_two_modes": count(lambda: tracker.end_epoch(step=1))}
+    out: dict[str, Any] = {"plain_1000_labels": count(g.synced)}
+    out["plain_1000_labels_by"] = calls["names"]
+    out.update({"quantiles_50_labels": count(q.synced), "tracker_two_modes": count(lambda: tracker.end_epoch(step=1))})
     tracker.close()
     return out
 
@@ -194,12 +201,13 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     from labeltrack_log import distributed
 
-    result: dict[str, Any] = {"stats": {}, "stats_reduce": {}}
-    default_gather = distributed._GATHER_MAX_BYTES
-    for key, name, shards in [("stats", n, s) for n, s in stats_scenarios(world).items()] + \
-            [("stats_reduce", n, s) for n, s in stats_scenarios(world).items()]:
-        # "stats_reduce": the same scenarios through the all_reduce branch (as with many ranks x labels)
-        distributed._GATHER_MAX_BYTES = default_gather if key == "stats" else 0
+    result: dict[str, Any] = {"stats": {}, "stats_reduce": {}, "stats_ring": {}}
+    default_gather, default_direct = distributed._GATHER_MAX_BYTES, distributed._DIRECT_MAX_WORLD
+    for key, name, shards in [(k, n, s) for k in result for n, s in stats_scenarios(world).items()]:
+        # "stats_reduce": the same scenarios through the all_reduce branch (as with many ranks x labels);
+        # "stats_ring": the first exchange by all_gather (as past _DIRECT_MAX_WORLD ranks), not all_to_all
+        distributed._GATHER_MAX_BYTES = 0 if key == "stats_reduce" else default_gather
+        distributed._DIRECT_MAX_WORLD = 1 if key == "stats_ring" else default_direct
         g = GroupedStats()
         for labels, values in shards[rank]:
             g.update(labels, values)
@@ -212,7 +220,7 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
             "local_unchanged": g.compute() == before,
             "merge_again": _table(GroupedStats().merge(first).compute()),
         }
-    distributed._GATHER_MAX_BYTES = default_gather
+    distributed._GATHER_MAX_BYTES, distributed._DIRECT_MAX_WORLD = default_gather, default_direct
     # Different label kinds on different ranks: every rank raises, nobody hangs.
     g = GroupedStats()
     g.update([1, 2] if rank == 0 else ["a", "b"], [1.0, 2.0])

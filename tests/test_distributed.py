@@ -82,7 +82,7 @@ def one_process(shards: list) -> StatsTable:
     return g.compute()
 
 
-@pytest.mark.parametrize("branch", ["stats", "stats_reduce"], ids=["all_gather", "all_reduce"])
+@pytest.mark.parametrize("branch", ["stats", "stats_reduce", "stats_ring"], ids=["gather", "all_reduce", "ring"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_synced_equals_one_process_on_every_rank(group, scenario, branch):
     world, res = group
@@ -95,6 +95,8 @@ def test_synced_equals_one_process_on_every_rank(group, scenario, branch):
         assert r[branch][scenario]["twice_equal"], "a second synced() gave another result"
         assert r[branch][scenario]["local_unchanged"], "synced() changed the local accumulator"
         assert table(r[branch][scenario]["merge_again"]) == got[0], "the synced accumulator does not merge as itself"
+        # the same bytes whichever collective carried them (all_to_all_single or the ring all_gather)
+        assert table(r["stats_ring"][scenario]["table"]) == table(r["stats"][scenario]["table"])
 
 
 @pytest.mark.parametrize("branch", ["gather", "reduce"])
@@ -151,10 +153,12 @@ def test_synced_is_exact_near_the_float_limits(group, branch):
 
 def test_a_small_sync_is_one_collective(group):
     """With gloo each collective is a round trip of every process: a sync of up to ~1,800 labels
-    (with quantile sketches too) is one all_gather, a Tracker epoch end one more for the modes."""
+    (with quantile sketches too) is one exchange (a direct one: all_to_all_single, one step where
+    gloo's ring all_gather takes world - 1), a Tracker epoch end one more for the modes."""
     world, res = group
     for r in res["ranks"]:
-        assert r["collectives"] == {"plain_1000_labels": 1, "quantiles_50_labels": 1, "tracker_two_modes": 3}
+        assert r["collectives"] == {"plain_1000_labels": 1, "plain_1000_labels_by": ["all_to_all_single"],
+                                    "quantiles_50_labels": 1, "tracker_two_modes": 3}
 
 
 def test_different_label_kinds_raise_on_every_rank(group):
