@@ -163,11 +163,12 @@ def _device(dist: Any, group: Any) -> Any:
 
 
 def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.ndarray, size: int, group: Any,
-                  device: Any) -> tuple[list[list[int]], list[memoryview] | None]:
+                  device: Any) -> tuple[list[list[int]], np.ndarray | None]:
     """One collective of a fixed ``size``-byte buffer per rank (a direct exchange or an
     ``all_gather``, see ``_DIRECT_BACKENDS``): the int64 ``header`` (its first
     entry: the payload's length) and the payload itself when it fits. Returns every rank's header
-    and, when every rank's payload fitted, every rank's buffer after the header (else None).
+    and, when every rank's payload fitted, every rank's buffer after the header (else None): a
+    (ranks, bytes) uint8 array, valid until the next call (the buffers are reused).
     With gloo each collective costs a round trip of every process (milliseconds when processes
     share cores); the bytes of a buffer this small cost next to nothing."""
     world = dist.get_world_size(group)
@@ -203,13 +204,13 @@ def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.
     heads = host[:, : len(head)].copy().view(np.int64).tolist()
     if max(h[0] for h in heads) > size - len(head):
         return heads, None
-    return heads, [memoryview(row[len(head) :]) for row in host]
+    return heads, host[:, len(head) :]
 
 
 def _gather_known(dist: Any, torch: Any, payload: bytes | np.ndarray, longest: int, group: Any,
-                  device: Any) -> list[memoryview]:
+                  device: Any) -> np.ndarray:
     """One ``all_gather`` of every rank's payload, padded to ``longest`` (known on every rank from
-    an earlier header); returns every rank's padded bytes."""
+    an earlier header); returns every rank's padded bytes, a (ranks, longest) uint8 array."""
     world = dist.get_world_size(group)
     buf = np.zeros(longest, dtype=np.uint8)
     body = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, (bytes, bytearray)) else payload
@@ -217,8 +218,7 @@ def _gather_known(dist: Any, torch: Any, payload: bytes | np.ndarray, longest: i
     gathered = torch.empty((world, longest), dtype=torch.uint8, device=device)
     if longest:
         dist.all_gather(list(gathered.unbind(0)), torch.from_numpy(buf).to(device), group=group)
-    host = gathered.cpu().numpy()
-    return [memoryview(row) for row in host]
+    return gathered.cpu().numpy()
 
 
 _KINDS = (None, "int", "bool", "str")
@@ -235,7 +235,7 @@ def _encode_labels(kind: str | None, labels: Any) -> np.ndarray:
     return np.ascontiguousarray(labels, dtype=np.int64).view(np.uint8)
 
 
-def _decode_labels(kind: str | None, raw: memoryview, k: int) -> Any:
+def _decode_labels(kind: str | None, raw: np.ndarray, k: int) -> Any:
     if kind is None:
         return np.zeros(0, dtype=np.int64)
     if kind == "str":
@@ -423,7 +423,7 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
                              f"{others}; create every rank's tracker with the same quantiles")
     kinds, ks = [_KINDS[h[1]] for h in heads], [h[2] for h in heads]
 
-    def block(raw: memoryview, h: list[int], i: int) -> memoryview:
+    def block(raw: np.ndarray, h: list[int], i: int) -> np.ndarray:
         start = sum(h[3 : 3 + i])
         return raw[start : start + h[3 + i]]
 
@@ -470,11 +470,12 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
             bufs = sketches
     else:
         # Few labels (the usual case): every rank folds every rank's state, identically.
-        if order is not None:  # the same labels everywhere: one stack, sorted by one permutation
-            every = np.stack([np.frombuffer(block(b, h, 1), dtype=np.float64).reshape(len(_STATE), n)
-                              for b, h in zip(bufs, heads)], axis=1)
-            if (np.diff(order) != 1).any():
-                every = every[:, :, order]
+        if order is not None:
+            # The same labels in the same slots everywhere: every rank's state sits at the same
+            # offset of its row, so the gathered bytes are already (ranks, state rows, slots),
+            # viewed without a copy; the merged state is then sorted by one permutation.
+            start = heads[0][3]
+            every = bufs[:, start : start + heads[0][4]].view(np.float64).reshape(world, len(_STATE), n).swapaxes(0, 1)
         else:
             every = np.empty((len(_STATE), world, n))
             for i, (_, fill) in enumerate(_STATE):
@@ -482,7 +483,14 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
             for r, (b, h, kk) in enumerate(zip(bufs, heads, ks)):
                 if kk:
                     every[:, r, positions[r]] = np.frombuffer(block(b, h, 1), dtype=np.float64).reshape(len(_STATE), kk)
-        merged = _merge_state(list(every), lambda arrays, op: (np.add if op == "sum" else np.minimum).reduce(np.stack(arrays), axis=1))
+
+        def over_ranks(arrays: list[np.ndarray], op: str) -> np.ndarray:  # each (ranks, labels), in rank order
+            ufunc = np.add if op == "sum" else np.minimum
+            return np.stack([ufunc.reduce(a, axis=0) for a in arrays])
+
+        merged = _merge_state(list(every), over_ranks)
+        if order is not None and (np.diff(order) != 1).any():
+            merged = {name: values[order] for name, values in merged.items()}
     _set_state(result, merged)
     if stats.quantile_levels:
         # every rank's buckets added in rank order, so every rank gets the same sketch
