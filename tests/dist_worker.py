@@ -147,6 +147,34 @@ def _run_on_every_rank(rank: int, workdirs: Path, epochs: list) -> dict[str, Any
     return got
 
 
+def _subgroups(rank: int, world: int, workdirs: Path) -> dict[str, Any]:
+    """``synced(group)`` and ``Tracker(sync=group)`` over a subgroup: the ranks split in two halves,
+    each synced over its own half only; a Tracker writes on its group's rank 0 alone (global rank
+    0 for the first half, ``world // 2`` for the second)."""
+    import torch.distributed as dist
+
+    from labeltrack_log import GroupedStats, Tracker
+
+    halves = [list(range(world // 2)), list(range(world // 2, world))]
+    groups = [dist.new_group(h) for h in halves]  # every rank creates every group, in the same order
+    mine = groups[0 if rank < world // 2 else 1]
+    got: dict[str, Any] = {}
+    g = GroupedStats()
+    for labels, values in stats_scenarios(world)["different_label_sets"][rank]:
+        g.update(labels, values)
+    got["synced"] = _table(g.synced(mine).compute())
+    os.chdir(workdirs / "sub" / f"rank{rank}")
+    with Tracker("loss_by_y", sinks="csv", sync=mine, figures=None) as tracker:
+        got["num_sinks"] = len(tracker.sinks)
+        for labels, values in tracker_epochs(world)[0][rank]["train"]:
+            tracker.update(labels, values)
+        got["table"] = _table(tracker.end_epoch(step=100)["train"])
+    got["written"] = sorted(str(p.relative_to(Path.cwd())) for p in Path.cwd().rglob("*"))
+    for group in groups:
+        dist.destroy_process_group(group)
+    return got
+
+
 def _count_collectives(rank: int) -> dict[str, Any]:
     """How many collectives a sync costs (each is a round trip of every process with gloo): the
     real torch.distributed functions, wrapped to count their calls (and name them)."""
@@ -272,6 +300,7 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
                          for mode in tracker.history.modes("loss_by_y")}
     result["run"] = _run_on_every_rank(rank, workdirs, epochs)
     result["collectives"] = _count_collectives(rank)
+    result["subgroups"] = _subgroups(rank, world, workdirs)
     dist.barrier()
     dist.destroy_process_group()
     (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

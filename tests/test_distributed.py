@@ -33,7 +33,7 @@ def spawn(world: int, root: Path) -> dict:
     out, workdirs = root / "out", root / "work"
     out.mkdir()
     for r in range(world):
-        for sub in ("", "run", "per_rank"):  # the Tracker, Run and Run(sync=None) parts of dist_worker
+        for sub in ("", "run", "per_rank", "sub"):  # the Tracker, Run, Run(sync=None) and subgroup parts of dist_worker
             (workdirs / sub / f"rank{r}").mkdir(parents=True)
     ctx = tmp.start_processes(dist_worker.run, args=(world, servers.free_port(), str(out), str(workdirs)),
                               nprocs=world, start_method="spawn", join=False)
@@ -205,6 +205,29 @@ def test_tracker_returns_global_tables_and_history_on_every_rank(group):
     # sync=None keeps the local shard (today's behaviour)
     for r, got in enumerate(res["ranks"]):
         assert (sum(got["local"][0]["train"]["count"]) == 16 * (2 + r))
+
+
+def test_a_subgroup_syncs_over_its_own_ranks_and_writes_on_its_rank_zero(group):
+    """``synced(group)`` / ``Tracker(sync=group)`` with the ranks split in two halves: each rank
+    gets the statistics of its half only, identical within the half; only each half's rank 0 writes."""
+    world, res = group
+    halves = [list(range(world // 2)), list(range(world // 2, world))]
+    shards = dist_worker.stats_scenarios(world)["different_label_sets"]
+    epoch = dist_worker.tracker_epochs(world)[0]
+    for half in halves:
+        want = one_process([shards[r] for r in half])
+        want_tracker = one_process([epoch[r]["train"] for r in half])
+        for r in half:
+            sub = res["ranks"][r]["subgroups"]
+            assert_same_stats(table(sub["synced"]), want)
+            assert table(sub["synced"]) == table(res["ranks"][half[0]]["subgroups"]["synced"])
+            assert_same_stats(table(sub["table"]), want_tracker)
+            leader = r == half[0]
+            assert sub["num_sinks"] == (1 if leader else 0), f"rank {r}"
+            assert bool(sub["written"]) == leader, f"rank {r} wrote {sub['written']}"
+    # the halves differ (rank world - 1 alone sees label 1000): each really synced its own half
+    assert 1000 not in table(res["ranks"][0]["subgroups"]["synced"])
+    assert 1000 in table(res["ranks"][world - 1]["subgroups"]["synced"])
 
 
 def test_only_rank_zero_writes(group, tmp_path):
