@@ -7,8 +7,9 @@ every collective is a round trip through every process (milliseconds when proces
 cores), so it uses as few as it can, and no ``all_gather_object`` (two collectives and pickling):
 
 1. **One fixed-size exchange** (``_EAGER_BYTES`` per rank; with gloo a direct exchange,
-   ``all_to_all_single``, one step instead of the ring all_gather's world - 1) of a packed buffer: a header (payload
-   length, label kind, label count, block lengths, a checksum of the quantile settings) and,
+   ``all_to_all_single``, one step where the ring all_gather takes world - 1) of a packed
+   buffer: a header (payload length, label kind, label count, block lengths, a checksum of the
+   quantile settings) and,
    when it fits, the payload itself: the labels (int64, or a pickled list of strings), the
    per-label state (count, mean, M2, M2's power-of-two scale, non-finite count, min, max, the
    0/1 flag: one float64 row each) and the quantile sketch's non-empty buckets. Up to ~1,800
@@ -18,7 +19,8 @@ cores), so it uses as few as it can, and no ``all_gather_object`` (two collectiv
 2. **Gather branch** (all payloads together under ``_GATHER_MAX_BYTES``): when a payload did not
    fit, one more all_gather of the payloads, padded to the longest (known from the headers).
    Every rank forms the sorted vocabulary (ints numerically, strings lexicographically), puts
-   every rank's state into (ranks, labels) arrays and merges them with :func:`_merge_state`,
+   every rank's state into (ranks, labels) arrays (when every rank has the same labels in the
+   same slots, a view of the received bytes) and merges them with :func:`_merge_state`,
    identically on every rank, then adds the sketches' buckets in rank order.
 3. **Reduce branch** (many labels times many ranks): one all_gather of the labels only, then
    every rank scatters its state over the vocabulary and :func:`_merge_state` runs on
@@ -223,7 +225,8 @@ def _gather_known(dist: Any, torch: Any, payload: bytes | np.ndarray, longest: i
 
 _KINDS = (None, "int", "bool", "str")
 _BUFFERS_KEPT = 8
-_BUFFERS: dict[tuple[int, int, str, bool, int], Any] = {}  # (size, world, device, direct, group id) -> _gather_fixed's buffers
+# (size, world, device, direct, group id) -> _gather_fixed's buffers
+_BUFFERS: dict[tuple[int, int, str, bool, int], Any] = {}
 
 
 def _encode_labels(kind: str | None, labels: Any) -> np.ndarray:
@@ -243,7 +246,8 @@ def _decode_labels(kind: str | None, raw: np.ndarray, k: int) -> Any:
     return np.frombuffer(raw, dtype=np.int64, count=k)
 
 
-def _vocabulary(kinds: list[str | None], labels: list[Any]) -> tuple[str | None, np.ndarray, list[np.ndarray], np.ndarray | None]:
+def _vocabulary(kinds: list[str | None],
+                labels: list[Any]) -> tuple[str | None, np.ndarray, list[np.ndarray], np.ndarray | None]:
     """The common label kind, the sorted union of every rank's labels (ints numerically, strings
     lexicographically; the same on every rank), each rank's positions in it, and — when every
     rank has the same int labels in the same slot order (the usual case) — the slot order that
