@@ -179,12 +179,13 @@ def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.
     # every use of the gathered bytes ends within the caller's call (copies or new objects).
     direct = 1 < world <= _DIRECT_MAX_WORLD and dist.get_backend(group) in _DIRECT_BACKENDS
     key = (size, world, str(device), direct, id(group))  # per group: collectives on two groups may overlap
-    cached = _BUFFERS.get(key)
+    cached = _BUFFERS.pop(key, None)  # re-inserted below: the dict's order is least recently used first
     if cached is None:
-        if len(_BUFFERS) >= _BUFFERS_KEPT:  # groups come and go (new_group per phase): keep the newest few
+        if len(_BUFFERS) >= _BUFFERS_KEPT:  # groups come and go (new_group per phase): keep the latest used
             del _BUFFERS[next(iter(_BUFFERS))]
-        cached = _BUFFERS[key] = [torch.zeros((world if direct else 1, size), dtype=torch.uint8),
+        cached = [torch.zeros((world if direct else 1, size), dtype=torch.uint8),
                                   torch.empty((world, size), dtype=torch.uint8, device=device), 0]
+    _BUFFERS[key] = cached
     send, gathered, used = cached  # used: the bytes of the send rows that may be non-zero
     rows = send.numpy()
     buf = rows[0]

@@ -72,6 +72,18 @@ def stats_scenarios(world: int) -> dict[str, list[Batches]]:
     return out
 
 
+def extra_batch(labels: list) -> tuple[list, np.ndarray]:
+    """A batch with every one of ``labels`` and one new label of the same kind (none for bools)."""
+    if labels and isinstance(labels[0], str):
+        new = ["new-label"]
+    elif labels and isinstance(labels[0], bool):
+        new = []
+    else:
+        new = [123_457 if 123_457 not in labels else 123_458]
+    labels = list(labels) + new
+    return labels, np.linspace(-1.0, 1.0, len(labels))
+
+
 def tracker_epochs(world: int) -> list[list[dict[str, Batches]]]:
     """Per epoch, per rank: mode -> batches. Uneven batch counts, rank 1 has no eval data, NaN on rank 0."""
     epochs = []
@@ -248,6 +260,11 @@ def _run(rank: int, world: int, port: int, out: Path, workdirs: Path) -> None:
             "local_unchanged": g.compute() == before,
             "merge_again": _table(GroupedStats().merge(first).compute()),
         }
+        # The synced accumulator keeps accumulating: new and old labels, then a merge into it.
+        grown = g.synced()
+        labels, values = extra_batch(first.compute().labels.tolist())
+        grown.update(labels, values)
+        result[key][name]["grown"] = _table(grown.merge(first).compute())
     distributed._GATHER_MAX_BYTES, distributed._DIRECT_MAX_WORLD = default_gather, default_direct
     # Different label kinds on different ranks: every rank raises, nobody hangs.
     g = GroupedStats()

@@ -95,6 +95,10 @@ def test_synced_equals_one_process_on_every_rank(group, scenario, branch):
         assert r[branch][scenario]["twice_equal"], "a second synced() gave another result"
         assert r[branch][scenario]["local_unchanged"], "synced() changed the local accumulator"
         assert table(r[branch][scenario]["merge_again"]) == got[0], "the synced accumulator does not merge as itself"
+        shards = dist_worker.stats_scenarios(world)[scenario]
+        extra = [[dist_worker.extra_batch(want.labels.tolist())]]
+        assert_same_stats(table(r[branch][scenario]["grown"]), one_process(shards + extra + shards),
+                          scale={"large_offset": 1e8, "float_limits": 1e308}.get(scenario, 1.0))
         # the same bytes whichever collective carried them (all_to_all_single or the ring all_gather)
         assert table(r["stats_ring"][scenario]["table"]) == table(r["stats"][scenario]["table"])
 
