@@ -164,6 +164,11 @@ def _device(dist: Any, group: Any) -> Any:
     return torch.device("cpu")
 
 
+def _as_bytes(payload: bytes | np.ndarray) -> np.ndarray:
+    """A payload (bytes, or a uint8 array already) as a uint8 array, without a copy."""
+    return np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, (bytes, bytearray)) else payload
+
+
 def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.ndarray, size: int, group: Any,
                   device: Any) -> tuple[list[list[int]], np.ndarray | None]:
     """One collective of a fixed ``size``-byte buffer per rank (a direct exchange or an
@@ -184,13 +189,13 @@ def _gather_fixed(dist: Any, torch: Any, header: list[int], payload: bytes | np.
         if len(_BUFFERS) >= _BUFFERS_KEPT:  # groups come and go (new_group per phase): keep the latest used
             del _BUFFERS[next(iter(_BUFFERS))]
         cached = [torch.zeros((world if direct else 1, size), dtype=torch.uint8),
-                                  torch.empty((world, size), dtype=torch.uint8, device=device), 0]
+                  torch.empty((world, size), dtype=torch.uint8, device=device), 0]
     _BUFFERS[key] = cached
     send, gathered, used = cached  # used: the bytes of the send rows that may be non-zero
     rows = send.numpy()
     buf = rows[0]
     buf[: len(head)] = head
-    body = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, (bytes, bytearray)) else payload
+    body = _as_bytes(payload)
     end = len(head) + len(body)
     if end <= size:
         buf[len(head) : end] = body
@@ -216,7 +221,7 @@ def _gather_known(dist: Any, torch: Any, payload: bytes | np.ndarray, longest: i
     an earlier header); returns every rank's padded bytes, a (ranks, longest) uint8 array."""
     world = dist.get_world_size(group)
     buf = np.zeros(longest, dtype=np.uint8)
-    body = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, (bytes, bytearray)) else payload
+    body = _as_bytes(payload)
     buf[: len(body)] = body
     gathered = torch.empty((world, longest), dtype=torch.uint8, device=device)
     if longest:
@@ -283,10 +288,11 @@ def _set_vocabulary(stats: "GroupedStats", kind: str, vocab: np.ndarray) -> None
     The per-label state arrays are the caller's to set (:func:`_set_state`)."""
     from .grouping import _DENSE_MAX
 
-    key = vocab.tobytes() if kind != "str" and len(vocab) <= _VOCABULARY_CACHE_MAX else None
+    cached = kind != "str" and len(vocab) <= _VOCABULARY_CACHE_MAX
+    key = (kind, vocab.tobytes()) if cached else None
     last = _LAST_VOCABULARY[0]
-    if key is not None and last is not None and last[0] == kind and last[1] == key:
-        labels, index, lut = last[2]
+    if cached and last is not None and last[0] == key:
+        labels, index, lut = last[1]
     else:
         labels = vocab.tolist()
         index = dict(zip(labels, range(len(labels))))
@@ -296,16 +302,18 @@ def _set_vocabulary(stats: "GroupedStats", kind: str, vocab: np.ndarray) -> None
             if len(small):
                 lut = np.full(min(_DENSE_MAX, max(int(vocab[small[-1]]) + 1, 64)), -1, dtype=np.int64)
                 lut[vocab[small]] = small
-        if key is not None:
-            _LAST_VOCABULARY[0] = (kind, key, (labels, index, lut))
+        if cached:
+            _LAST_VOCABULARY[0] = (key, (labels, index, lut))
+    if cached:  # copies: the accumulator may grow its own, the cache's must not change
+        labels, index, lut = list(labels), index.copy(), None if lut is None else lut.copy()
     stats._kind = kind
-    stats._labels = list(labels)  # copies: the accumulator may grow them, the cache must not change
-    stats._index = index.copy()
+    stats._labels = labels
+    stats._index = index
     if lut is not None:
-        stats._lut = lut.copy()
+        stats._lut = lut
 
 
-# The latest sync's vocabulary (kind, its bytes, (labels, index, lut)): epochs of one run usually
+# The latest sync's vocabulary ((kind, its bytes), (labels, index, lut)): epochs of one run usually
 # repeat it, and building the index dict is a sizeable part of a small sync. Up to this many labels.
 _VOCABULARY_CACHE_MAX = 1 << 14
 _LAST_VOCABULARY: list[Any] = [None]
@@ -372,6 +380,13 @@ def _merge_state(state: list[np.ndarray], reduce: Callable[[list[np.ndarray], st
             "_max": hi, "_inner": flag}
 
 
+def _over_ranks(arrays: list[np.ndarray], op: str) -> np.ndarray:
+    """:func:`_merge_state`'s reduction within one process: each array (ranks, labels) reduced
+    over its ranks in rank order (``op``: "sum" or "min")."""
+    ufunc = np.add if op == "sum" else np.minimum
+    return np.stack([ufunc.reduce(a, axis=0) for a in arrays])
+
+
 def sync_stats(stats: "GroupedStats", group: Any = None) -> "GroupedStats":
     """All ranks' statistics in a new :class:`~labeltrack_log.GroupedStats`; see :meth:`GroupedStats.synced`."""
     return _sync(stats, group)[0]
@@ -428,9 +443,12 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
                              f"{others}; create every rank's tracker with the same quantiles")
     kinds, ks = [_KINDS[h[1]] for h in heads], [h[2] for h in heads]
 
-    def block(raw: np.ndarray, h: list[int], i: int) -> np.ndarray:
+    def span(h: list[int], i: int) -> slice:  # where block i (labels, state, sketch) of a rank's payload lies
         start = sum(h[3 : 3 + i])
-        return raw[start : start + h[3 + i]]
+        return slice(start, start + h[3 + i])
+
+    def block(raw: np.ndarray, h: list[int], i: int) -> np.ndarray:
+        return raw[span(h, i)]
 
     reduce_dense = sum(h[0] for h in heads) > _GATHER_MAX_BYTES
     if reduce_dense:  # many labels times many ranks: round trip 2 carries the labels only
@@ -479,8 +497,7 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
             # The same labels in the same slots everywhere: every rank's state sits at the same
             # offset of its row, so the gathered bytes are already (ranks, state rows, slots),
             # viewed without a copy; the merged state is then sorted by one permutation.
-            start = heads[0][3]
-            every = bufs[:, start : start + heads[0][4]].view(np.float64).reshape(world, len(_STATE), n).swapaxes(0, 1)
+            every = bufs[:, span(heads[0], 1)].view(np.float64).reshape(world, len(_STATE), n).swapaxes(0, 1)
         else:
             every = np.empty((len(_STATE), world, n))
             for i, (_, fill) in enumerate(_STATE):
@@ -488,12 +505,7 @@ def _sync(stats: "GroupedStats", group: Any = None) -> tuple["GroupedStats", int
             for r, (b, h, kk) in enumerate(zip(bufs, heads, ks)):
                 if kk:
                     every[:, r, positions[r]] = np.frombuffer(block(b, h, 1), dtype=np.float64).reshape(len(_STATE), kk)
-
-        def over_ranks(arrays: list[np.ndarray], op: str) -> np.ndarray:  # each (ranks, labels), in rank order
-            ufunc = np.add if op == "sum" else np.minimum
-            return np.stack([ufunc.reduce(a, axis=0) for a in arrays])
-
-        merged = _merge_state(list(every), over_ranks)
+        merged = _merge_state(list(every), _over_ranks)
         if order is not None and (np.diff(order) != 1).any():
             merged = {name: values[order] for name, values in merged.items()}
     _set_state(result, merged)
